@@ -1,0 +1,173 @@
+//! What every target is doing, shared by the sync loop, the HTTP API and the CLI.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Target;
+use crate::store::VersionManifest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Not checked yet since start.
+    Pending,
+    Syncing,
+    Ok,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishedFile {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    pub digest: String,
+    pub tag_digest: String,
+    pub published_at: String,
+    pub files: Vec<PublishedFile>,
+}
+
+impl From<&VersionManifest> for Published {
+    fn from(m: &VersionManifest) -> Self {
+        Published {
+            digest: m.digest.clone(),
+            tag_digest: m.tag_digest.clone(),
+            published_at: m.published_at.clone(),
+            files: m
+                .files
+                .iter()
+                .map(|f| PublishedFile {
+                    name: f.name.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetStatus {
+    pub name: String,
+    pub reference: String,
+    pub platform: String,
+    pub dest: String,
+    pub state: State,
+    pub published: Option<Published>,
+    pub last_check: Option<String>,
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
+    pub consecutive_failures: u32,
+    pub next_check: Option<String>,
+}
+
+/// The `/status` document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub version: String,
+    pub ready: bool,
+    pub targets: Vec<TargetStatus>,
+}
+
+/// Shared, cheaply cloned status of all targets.
+#[derive(Clone, Default)]
+pub struct Board {
+    inner: Arc<Mutex<Vec<TargetStatus>>>,
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+impl Board {
+    /// A board for `targets`, seeded with what is already published on disk.
+    pub fn new(targets: &[Target]) -> Board {
+        let list = targets
+            .iter()
+            .map(|t| TargetStatus {
+                name: t.name.clone(),
+                reference: t.reference.clone(),
+                platform: t.platform.to_string(),
+                dest: t.dest.display().to_string(),
+                state: State::Pending,
+                published: crate::sync::published(t).as_ref().map(Published::from),
+                last_check: None,
+                last_success: None,
+                last_error: None,
+                consecutive_failures: 0,
+                next_check: None,
+            })
+            .collect();
+        Board {
+            inner: Arc::new(Mutex::new(list)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<TargetStatus>> {
+        // A panic while holding the lock cannot leave the plain data inconsistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut TargetStatus)) {
+        if let Some(t) = self.lock().iter_mut().find(|t| t.name == name) {
+            f(t);
+        }
+    }
+
+    pub fn syncing(&self, name: &str) {
+        self.update(name, |t| t.state = State::Syncing);
+    }
+
+    pub fn succeeded(&self, name: &str, manifest: &VersionManifest, next: Option<SystemTime>) {
+        let now = rfc3339(SystemTime::now());
+        self.update(name, |t| {
+            t.state = State::Ok;
+            t.published = Some(Published::from(manifest));
+            t.last_check = Some(now.clone());
+            t.last_success = Some(now);
+            t.last_error = None;
+            t.consecutive_failures = 0;
+            t.next_check = next.map(rfc3339);
+        });
+    }
+
+    /// Records a failure; returns the number of consecutive failures.
+    pub fn failed(&self, name: &str, error: &str, next: Option<SystemTime>) -> u32 {
+        let mut count = 0;
+        self.update(name, |t| {
+            t.state = State::Failed;
+            t.last_check = Some(rfc3339(SystemTime::now()));
+            t.last_error = Some(error.to_string());
+            t.consecutive_failures += 1;
+            t.next_check = next.map(rfc3339);
+            count = t.consecutive_failures;
+        });
+        count
+    }
+
+    pub fn set_next(&self, name: &str, next: SystemTime) {
+        self.update(name, |t| t.next_check = Some(rfc3339(next)));
+    }
+
+    pub fn consecutive_failures(&self, name: &str) -> u32 {
+        self.lock()
+            .iter()
+            .find(|t| t.name == name)
+            .map_or(0, |t| t.consecutive_failures)
+    }
+
+    pub fn report(&self) -> Report {
+        let targets = self.lock().clone();
+        Report {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready: targets.iter().all(|t| t.published.is_some()),
+            targets,
+        }
+    }
+}

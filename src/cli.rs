@@ -2,7 +2,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -133,6 +132,8 @@ fn check_config(path: &Path, s: &Settings) {
 }
 
 async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
+    let cx = crate::sync::Context::new(settings);
+    let settings = cx.settings.clone();
     for name in only {
         if !settings.targets.iter().any(|t| &t.name == name) {
             eprintln!("error: no target named {name:?} in the config");
@@ -146,7 +147,7 @@ async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
         .iter()
         .filter(|t| only.is_empty() || only.contains(&t.name))
     {
-        match daemon::sync_and_record(&settings, target, &board).await {
+        match daemon::sync_and_record(&cx, target, &board).await {
             Ok(outcome) => {
                 let (what, m) = match &outcome {
                     Outcome::UpToDate(m) => ("up to date", m),
@@ -174,7 +175,8 @@ async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
 }
 
 async fn run(settings: Settings) -> Result<ExitCode> {
-    let settings = Arc::new(settings);
+    let cx = crate::sync::Context::new(settings);
+    let settings = cx.settings.clone();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -199,7 +201,7 @@ async fn run(settings: Settings) -> Result<ExitCode> {
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    daemon::run_loops(settings, board, stop_rx).await;
+    daemon::run_loops(cx, board, stop_rx).await;
     match api.await {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e).context("HTTP API failed"),

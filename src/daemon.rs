@@ -5,9 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::{Settings, Target};
+use crate::config::Target;
 use crate::status::Board;
-use crate::sync::{self, Outcome};
+use crate::sync::{self, Context, Outcome};
 
 /// Targets syncing at the same time (downloads share one link and two cores).
 const MAX_CONCURRENT_SYNCS: usize = 2;
@@ -43,12 +43,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// Runs one sync of `target` and records it on the board. Returns the error text on failure.
 pub async fn sync_and_record(
-    settings: &Settings,
+    cx: &Context,
     target: &Target,
     board: &Board,
 ) -> Result<Outcome, String> {
     board.syncing(&target.name);
-    match sync::sync_target(settings, target).await {
+    match sync::sync_target(cx, target).await {
         Ok(outcome) => {
             board.succeeded(&target.name, outcome.manifest(), None);
             Ok(outcome)
@@ -69,11 +69,11 @@ pub async fn sync_and_record(
 }
 
 /// Polls every target until `shutdown` turns true.
-pub async fn run_loops(settings: Arc<Settings>, board: Board, shutdown: watch::Receiver<bool>) {
+pub async fn run_loops(cx: Context, board: Board, shutdown: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_SYNCS));
     let mut tasks = tokio::task::JoinSet::new();
-    for target in settings.targets.clone() {
-        let settings = settings.clone();
+    for target in cx.settings.targets.clone() {
+        let cx = cx.clone();
         let board = board.clone();
         let permits = permits.clone();
         let mut shutdown = shutdown.clone();
@@ -81,15 +81,18 @@ pub async fn run_loops(settings: Arc<Settings>, board: Board, shutdown: watch::R
             loop {
                 let sync = async {
                     let _permit = permits.acquire().await;
-                    sync_and_record(&settings, &target, &board).await
+                    sync_and_record(&cx, &target, &board).await
                 };
                 let result = tokio::select! {
                     r = sync => r,
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 };
                 let delay = match result {
-                    Ok(_) => jitter(settings.interval),
-                    Err(_) => backoff(board.consecutive_failures(&target.name), settings.interval),
+                    Ok(_) => jitter(cx.settings.interval),
+                    Err(_) => backoff(
+                        board.consecutive_failures(&target.name),
+                        cx.settings.interval,
+                    ),
                 };
                 board.set_next(&target.name, SystemTime::now() + delay);
                 tokio::select! {

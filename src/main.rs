@@ -1,5 +1,6 @@
 //! bootsync: keeps a netboot server's kernel and initramfs in step with an OCI image.
 
+mod assets;
 mod cli;
 mod config;
 mod daemon;

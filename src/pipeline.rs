@@ -11,7 +11,6 @@ use std::fs;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use oci_client::Reference;
 use tokio::sync::mpsc;
 
 use crate::config::FileSpec;
@@ -109,7 +108,6 @@ fn destination(files: &[FileSpec], path: &str) -> Option<PathBuf> {
 /// downloading only the layers it needs, and returns a record of each file written.
 pub async fn extract(
     registry: &Registry,
-    reference: &Reference,
     layers: &[Descriptor],
     files: &[FileSpec],
     staging: &Path,
@@ -134,7 +132,7 @@ pub async fn extract(
         tracing::info!(layer = %layer.digest, size = layer.size, "reading layer");
 
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let download = registry.stream_blob(reference, layer, tx);
+        let download = registry.stream_blob(layer, tx);
         let unpack = {
             let layer = layer.clone();
             let files = files.to_vec();

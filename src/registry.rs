@@ -1,19 +1,19 @@
 //! Registry access: tag -> digest (HEAD), manifests and indexes (verified by digest), platform
 //! selection, and blob downloads that resume where a broken connection left off.
 //!
-//! Built on `oci-client` for references, the token dance and request plumbing. What it lacks is
-//! added here: timeouts around every call, digest checks on what we parse, and explicit platform
-//! selection with an error that lists what the index offers.
+//! `oci-client` parses references; the requests themselves are made here with `reqwest`, because
+//! bootsync needs what oci-client's request layer hides: every status code (for metrics and
+//! errors), `Retry-After`, a timeout on every call, a token refreshed on 401, and resumable blob
+//! streams that it hashes itself.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use oci_client::client::{
-    BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol,
-};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
+use reqwest::header::{HeaderMap, ACCEPT, CONTENT_RANGE, RANGE, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -24,22 +24,37 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// GHCR refuses a manifest request whose Accept lacks the OCI index type.
 const ACCEPTED_MANIFESTS: &[&str] = &[OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
 
 /// Manifests larger than this are refused: real ones are a few KiB.
 const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// Token responses larger than this are refused.
+const MAX_TOKEN_BYTES: usize = 64 << 10;
 /// How often a broken blob download is resumed before giving up.
 const BLOB_ATTEMPTS: u32 = 5;
+/// Attempts of one request on a transient failure (network error, 5xx, 429).
+const REQUEST_ATTEMPTS: u32 = 3;
+/// A `Retry-After` longer than this is not waited out inside a sync: the error goes up to the
+/// scheduler, which waits it out between syncs.
+const MAX_INLINE_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{what} timed out after {after:?}")]
+    #[error("{what}: timed out after {after:?}")]
     Timeout { what: String, after: Duration },
-    #[error("{what}: {source}")]
-    Client {
+    #[error("{what}: {reason}")]
+    Network { what: String, reason: String },
+    #[error(
+        "{what}: registry answered {status}{}{}",
+        detail_suffix(detail),
+        retry_suffix(retry_after)
+    )]
+    Status {
         what: String,
-        #[source]
-        source: oci_client::errors::OciDistributionError,
+        status: u16,
+        detail: String,
+        retry_after: Option<Duration>,
     },
     #[error("{what}: {reason}")]
     BadManifest { what: String, reason: String },
@@ -53,6 +68,37 @@ pub enum RegistryError {
     Setup { host: String, reason: String },
     #[error("blob {digest}: {reason}")]
     Blob { digest: String, reason: String },
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+fn retry_suffix(r: &Option<Duration>) -> String {
+    r.map(|d| format!(" (retry after {}s)", d.as_secs()))
+        .unwrap_or_default()
+}
+
+impl RegistryError {
+    /// How long the registry asked us to wait (429/503 with `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RegistryError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Timeout { .. } | RegistryError::Network { .. } => true,
+            RegistryError::Status { status, .. } => matches!(status, 429 | 500 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
 }
 
 /// A layer (or any blob) as described by a manifest.
@@ -113,19 +159,106 @@ impl IndexPlatform {
     }
 }
 
-/// A connection to one registry for one repository reference.
+/// How to authenticate to a registry.
+#[derive(Clone, Default)]
+pub enum Credentials {
+    #[default]
+    Anonymous,
+    /// Sent as Basic auth when the registry asks for it, and to the token endpoint.
+    Basic { username: String, password: String },
+    /// A ready-made bearer token, sent as is.
+    Bearer(String),
+}
+
+impl Credentials {
+    /// Reads the credentials configured for a registry; files are read at every sync, so
+    /// rotating them needs no restart.
+    pub fn from_settings(settings: &RegistrySettings) -> Result<Credentials, RegistryError> {
+        let read = |key: &str, file: &std::path::Path| {
+            std::fs::read_to_string(file)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
+                .map_err(|e| RegistryError::Setup {
+                    host: settings.host.clone(),
+                    reason: format!("{key} {}: {e}", file.display()),
+                })
+        };
+        if let Some(file) = &settings.token_file {
+            return Ok(Credentials::Bearer(read("token_file", file)?));
+        }
+        match (&settings.username, &settings.password_file) {
+            (Some(username), Some(file)) => Ok(Credentials::Basic {
+                username: username.clone(),
+                password: read("password_file", file)?,
+            }),
+            _ => Ok(Credentials::Anonymous),
+        }
+    }
+}
+
+// Never print secrets, even in debug output.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Anonymous => f.write_str("Anonymous"),
+            Credentials::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
+            Credentials::Bearer(_) => f.write_str("Bearer(<redacted>)"),
+        }
+    }
+}
+
+/// Bearer tokens by `host/repository`, kept across syncs (GHCR's anonymous tokens do not
+/// expire); a 401 replaces a stale one.
+#[derive(Clone, Default)]
+pub struct TokenCache(Arc<Mutex<HashMap<String, String>>>);
+
+impl TokenCache {
+    fn get(&self, key: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn put(&self, key: &str, token: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.to_string(), token);
+    }
+}
+
+/// Called after every registry response: `(host, request kind, status)`; status 0 means no
+/// response (network error or timeout).
+pub type Observer = Arc<dyn Fn(&str, &'static str, u16) + Send + Sync>;
+
+/// A connection to one registry for one repository.
 pub struct Registry {
-    client: Client,
-    auth: RegistryAuth,
+    http: reqwest::Client,
+    base: String,
+    host: String,
+    repository: String,
+    credentials: Credentials,
     timeouts: Timeouts,
+    tokens: TokenCache,
+    observer: Option<Observer>,
+}
+
+/// The options of one request.
+struct Req<'a> {
+    kind: &'static str,
+    method: Method,
+    path: String,
+    accept: Option<&'a str>,
+    range_from: u64,
 }
 
 impl Registry {
-    /// Builds a client for the registry that `reference` lives on. Credentials are read now, so a
-    /// rotated password file is picked up by the next sync.
+    /// A client for the registry that `reference` lives on.
     pub fn connect(
         reference: &Reference,
         settings: &RegistrySettings,
+        credentials: Credentials,
         timeouts: Timeouts,
     ) -> Result<Self, RegistryError> {
         let host = reference.resolve_registry().to_string();
@@ -133,76 +266,288 @@ impl Registry {
             host: host.clone(),
             reason,
         };
-        let mut config = ClientConfig {
-            protocol: if settings.insecure {
-                ClientProtocol::HttpsExcept(vec![host.clone()])
-            } else {
-                ClientProtocol::Https
-            },
-            connect_timeout: Some(timeouts.connect),
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("bootsync/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(timeouts.connect)
             // A per-read limit: a stalled body fails instead of hanging.
-            read_timeout: Some(timeouts.stall),
-            // We pick the platform ourselves, with a useful error.
-            platform_resolver: None,
-            user_agent: concat!("bootsync/", env!("CARGO_PKG_VERSION")),
-            ..Default::default()
-        };
+            .read_timeout(timeouts.stall);
         if let Some(ca) = &settings.ca_file {
-            let data =
+            let pem =
                 std::fs::read(ca).map_err(|e| setup(format!("ca_file {}: {e}", ca.display())))?;
-            config.extra_root_certificates.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
-        }
-        // `Client::new` silently falls back to a default config on error; `try_from` does not.
-        let client = Client::try_from(config).map_err(|e| setup(e.to_string()))?;
-        let auth = match (&settings.username, &settings.password_file) {
-            (Some(user), Some(file)) => {
-                let password = std::fs::read_to_string(file)
-                    .map_err(|e| setup(format!("password_file {}: {e}", file.display())))?;
-                RegistryAuth::Basic(
-                    user.clone(),
-                    password.trim_end_matches(['\r', '\n']).to_string(),
-                )
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| setup(format!("ca_file {}: {e}", ca.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
             }
-            _ => RegistryAuth::Anonymous,
-        };
+        }
+        let http = builder.build().map_err(|e| setup(e.to_string()))?;
+        let scheme = if settings.insecure { "http" } else { "https" };
         Ok(Registry {
-            client,
-            auth,
+            http,
+            base: format!("{scheme}://{host}"),
+            host,
+            repository: reference.repository().to_string(),
+            credentials,
             timeouts,
+            tokens: TokenCache::default(),
+            observer: None,
         })
     }
 
-    async fn timed<T>(
+    pub fn with_tokens(mut self, tokens: TokenCache) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    pub fn with_observer(mut self, observer: Option<Observer>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    fn observe(&self, kind: &'static str, status: u16) {
+        if let Some(o) = &self.observer {
+            o(&self.host, kind, status);
+        }
+    }
+
+    fn token_key(&self) -> String {
+        format!("{}/{}", self.host, self.repository)
+    }
+
+    /// Sends a request, retrying transient failures with backoff (honouring a short
+    /// `Retry-After`), and answering one 401 with a fresh token or Basic credentials.
+    async fn send(&self, req: &Req<'_>, what: &str) -> Result<reqwest::Response, RegistryError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.send_authenticated(req, what).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.is_transient() && attempt < REQUEST_ATTEMPTS => {
+                    let wait = match e.retry_after() {
+                        Some(d) if d > MAX_INLINE_RETRY_AFTER => return Err(e),
+                        Some(d) => d,
+                        None => crate::daemon::jitter(Duration::from_secs(1 << (attempt - 1))),
+                    };
+                    tracing::warn!(%e, attempt, "retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn send_authenticated(
         &self,
+        req: &Req<'_>,
         what: &str,
-        fut: impl std::future::Future<Output = Result<T, oci_client::errors::OciDistributionError>>,
-    ) -> Result<T, RegistryError> {
-        match tokio::time::timeout(self.timeouts.request, fut).await {
-            Err(_) => Err(RegistryError::Timeout {
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut use_basic = false;
+        let mut refreshed = false;
+        loop {
+            let response = self.send_once(req, what, use_basic).await?;
+            if response.status() != StatusCode::UNAUTHORIZED || refreshed {
+                return check_status(response, what).await;
+            }
+            refreshed = true;
+            let challenge = response
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            match parse_challenge(&challenge) {
+                Some(Challenge::Bearer { realm, service }) => {
+                    let token = self.fetch_token(&realm, service.as_deref(), what).await?;
+                    self.tokens.put(&self.token_key(), token);
+                }
+                Some(Challenge::Basic) if matches!(self.credentials, Credentials::Basic { .. }) => {
+                    use_basic = true
+                }
+                _ => return check_status(response, what).await,
+            }
+        }
+    }
+
+    async fn send_once(
+        &self,
+        req: &Req<'_>,
+        what: &str,
+        use_basic: bool,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let url = format!("{}{}", self.base, req.path);
+        let mut builder = self.http.request(req.method.clone(), &url);
+        if let Some(accept) = req.accept {
+            builder = builder.header(ACCEPT, accept);
+        }
+        if req.range_from > 0 {
+            builder = builder.header(RANGE, format!("bytes={}-", req.range_from));
+        }
+        builder = match (&self.credentials, self.tokens.get(&self.token_key())) {
+            (Credentials::Bearer(token), _) => builder.bearer_auth(token),
+            (_, Some(token)) => builder.bearer_auth(token),
+            (Credentials::Basic { username, password }, None) if use_basic => {
+                builder.basic_auth(username, Some(password))
+            }
+            _ => builder,
+        };
+        match tokio::time::timeout(self.timeouts.request, builder.send()).await {
+            Err(_) => {
+                self.observe(req.kind, 0);
+                Err(RegistryError::Timeout {
+                    what: what.to_string(),
+                    after: self.timeouts.request,
+                })
+            }
+            Ok(Err(e)) => {
+                self.observe(req.kind, 0);
+                Err(RegistryError::Network {
+                    what: what.to_string(),
+                    reason: crate::daemon::error_chain(&e),
+                })
+            }
+            Ok(Ok(r)) => {
+                self.observe(req.kind, r.status().as_u16());
+                Ok(r)
+            }
+        }
+    }
+
+    /// The token dance: `GET realm?service=..&scope=repository:REPO:pull`, with Basic
+    /// credentials when we have them.
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        what: &str,
+    ) -> Result<String, RegistryError> {
+        let what = format!("{what}: token from {realm}");
+        let scope = format!("repository:{}:pull", self.repository);
+        let mut query = vec![("scope", scope.as_str())];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut builder = self.http.get(realm).query(&query);
+        if let Credentials::Basic { username, password } = &self.credentials {
+            builder = builder.basic_auth(username, Some(password));
+        }
+        let response = match tokio::time::timeout(self.timeouts.request, builder.send()).await {
+            Err(_) => {
+                self.observe("token", 0);
+                return Err(RegistryError::Timeout {
+                    what,
+                    after: self.timeouts.request,
+                });
+            }
+            Ok(Err(e)) => {
+                self.observe("token", 0);
+                return Err(RegistryError::Network {
+                    what,
+                    reason: crate::daemon::error_chain(&e),
+                });
+            }
+            Ok(Ok(r)) => r,
+        };
+        self.observe("token", response.status().as_u16());
+        let response = check_status(response, &what).await?;
+        let body = self.read_body(response, MAX_TOKEN_BYTES, &what).await?;
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::BadManifest {
+                what: what.clone(),
+                reason: format!("token response is not JSON: {e}"),
+            })?;
+        parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| RegistryError::BadManifest {
+                what,
+                reason: "token response holds no token".into(),
+            })
+    }
+
+    /// Reads a whole (small) body within the request timeout, refusing more than `limit` bytes.
+    async fn read_body(
+        &self,
+        mut response: reqwest::Response,
+        limit: usize,
+        what: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let read = async {
+            let mut body = Vec::new();
+            while let Some(chunk) = response.chunk().await.map_err(|e| RegistryError::Network {
+                what: what.to_string(),
+                reason: crate::daemon::error_chain(&e),
+            })? {
+                if body.len() + chunk.len() > limit {
+                    return Err(RegistryError::BadManifest {
+                        what: what.to_string(),
+                        reason: format!("response is larger than the {limit} bytes allowed"),
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(body)
+        };
+        tokio::time::timeout(self.timeouts.request, read)
+            .await
+            .map_err(|_| RegistryError::Timeout {
                 what: what.to_string(),
                 after: self.timeouts.request,
-            }),
-            Ok(Err(source)) => Err(RegistryError::Client {
-                what: what.to_string(),
-                source,
-            }),
-            Ok(Ok(v)) => Ok(v),
-        }
+            })?
     }
 
     /// The digest the reference points at now (index or manifest), from a HEAD request.
     pub async fn resolve(&self, reference: &Reference) -> Result<String, RegistryError> {
         let what = format!("resolving {}", reference.whole());
-        let digest = self
-            .timed(
-                &what,
-                self.client.fetch_manifest_digest(reference, &self.auth),
-            )
-            .await?;
-        check_sha256(&digest).map_err(|reason| RegistryError::BadManifest { what, reason })?;
+        let tag = reference
+            .digest()
+            .or(reference.tag())
+            .unwrap_or("latest")
+            .to_string();
+        let accept = ACCEPTED_MANIFESTS.join(", ");
+        let head = Req {
+            kind: "head",
+            method: Method::HEAD,
+            path: format!("/v2/{}/manifests/{tag}", self.repository),
+            accept: Some(&accept),
+            range_from: 0,
+        };
+        let response = self.send(&head, &what).await?;
+        let digest = match response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(d) => d.to_string(),
+            None => {
+                // Some registries omit the header on HEAD: hash the manifest instead.
+                let get = Req {
+                    kind: "manifest",
+                    method: Method::GET,
+                    ..head
+                };
+                let response = self.send(&get, &what).await?;
+                let body = self.read_body(response, MAX_MANIFEST_BYTES, &what).await?;
+                format!("sha256:{}", hex::encode(Sha256::digest(&body)))
+            }
+        };
+        check_sha256(&digest).map_err(|reason| RegistryError::BadManifest {
+            what: what.clone(),
+            reason,
+        })?;
+        if let Some(pinned) = reference.digest() {
+            if pinned != digest {
+                return Err(RegistryError::BadManifest {
+                    what,
+                    reason: format!("registry says {digest}, the reference pins {pinned}"),
+                });
+            }
+        }
         Ok(digest)
     }
 
@@ -210,11 +555,10 @@ impl Registry {
     /// `platform`, each document verified against the digest it was fetched by.
     pub async fn image_manifest(
         &self,
-        reference: &Reference,
         digest: &str,
         platform: &Platform,
     ) -> Result<ImageManifest, RegistryError> {
-        let top = self.fetch_manifest(reference, digest).await?;
+        let top = self.fetch_manifest(digest).await?;
         if let Some(entries) = top.manifests {
             let chosen: Vec<&IndexEntry> = entries
                 .iter()
@@ -266,39 +610,29 @@ impl Registry {
                     ),
                 });
             }
-            let inner = self.fetch_manifest(reference, &entry.digest).await?;
+            let inner = self.fetch_manifest(&entry.digest).await?;
             return image_from(inner, &entry.digest);
         }
         image_from(top, digest)
     }
 
-    async fn fetch_manifest(
-        &self,
-        reference: &Reference,
-        digest: &str,
-    ) -> Result<RawManifest, RegistryError> {
-        let what = format!("manifest {digest} of {}", reference.whole());
+    async fn fetch_manifest(&self, digest: &str) -> Result<RawManifest, RegistryError> {
+        let what = format!("manifest {digest} of {}/{}", self.host, self.repository);
         let bad = |reason: String| RegistryError::BadManifest {
             what: what.clone(),
             reason,
         };
         check_sha256(digest).map_err(bad)?;
-        let at = reference.clone_with_digest(digest.to_string());
-        // oci-client checks the body against the digest in the reference; we check again so the
-        // guarantee does not depend on a library detail.
-        let (body, _) = self
-            .timed(
-                &what,
-                self.client
-                    .pull_manifest_raw(&at, &self.auth, ACCEPTED_MANIFESTS),
-            )
-            .await?;
-        if body.len() > MAX_MANIFEST_BYTES {
-            return Err(bad(format!(
-                "{} bytes is larger than the {MAX_MANIFEST_BYTES} allowed",
-                body.len()
-            )));
-        }
+        let accept = ACCEPTED_MANIFESTS.join(", ");
+        let req = Req {
+            kind: "manifest",
+            method: Method::GET,
+            path: format!("/v2/{}/manifests/{digest}", self.repository),
+            accept: Some(&accept),
+            range_from: 0,
+        };
+        let response = self.send(&req, &what).await?;
+        let body = self.read_body(response, MAX_MANIFEST_BYTES, &what).await?;
         let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
         if actual != digest {
             return Err(bad(format!("digest mismatch: content hashes to {actual}")));
@@ -323,20 +657,14 @@ impl Registry {
     /// is resumed with a `Range` request from the byte reached (asking the registry URL again, so
     /// an expired storage redirect is renewed), so nothing is fetched twice. The consumer hashes
     /// what it receives; a receiver that hangs up ends the download quietly.
-    pub async fn stream_blob(
-        &self,
-        reference: &Reference,
-        desc: &Descriptor,
-        tx: mpsc::Sender<std::io::Result<Bytes>>,
-    ) {
-        if let Err(e) = self.stream_blob_inner(reference, desc, &tx).await {
+    pub async fn stream_blob(&self, desc: &Descriptor, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+        if let Err(e) = self.stream_blob_inner(desc, &tx).await {
             let _ = tx.send(Err(std::io::Error::other(e))).await;
         }
     }
 
     async fn stream_blob_inner(
         &self,
-        reference: &Reference,
         desc: &Descriptor,
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
     ) -> Result<(), RegistryError> {
@@ -348,17 +676,24 @@ impl Registry {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.blob_attempt(reference, desc, offset, tx).await {
+            match self.blob_attempt(desc, offset, tx).await {
                 Ok(AttemptEnd::Done) | Ok(AttemptEnd::ConsumerGone) => return Ok(()),
-                Err((reached, reason)) => {
+                Err((reached, e)) => {
+                    // Progress earns a fresh set of attempts; a blob that never moves does not.
+                    if reached > offset {
+                        attempt = 1;
+                    }
                     offset = reached;
-                    if attempt >= BLOB_ATTEMPTS {
+                    if attempt >= BLOB_ATTEMPTS || !e.is_transient() {
                         return Err(fail(format!(
-                            "giving up after {attempt} attempts at byte {offset}: {reason}"
+                            "at byte {offset} of {} (attempt {attempt}): {e}",
+                            desc.size
                         )));
                     }
-                    let backoff = Duration::from_millis(500 << (attempt - 1).min(5));
-                    tracing::warn!(digest = %desc.digest, offset, attempt, %reason, "blob download broke; resuming after {backoff:?}");
+                    let backoff = e.retry_after().unwrap_or_else(|| {
+                        crate::daemon::jitter(Duration::from_millis(500 << (attempt - 1).min(5)))
+                    });
+                    tracing::warn!(digest = %desc.digest, offset, attempt, %e, "blob download broke; resuming after {backoff:?}");
                     tokio::time::sleep(backoff).await;
                 }
             }
@@ -368,49 +703,65 @@ impl Registry {
     /// One request for the blob from `offset`. On failure returns the offset reached.
     async fn blob_attempt(
         &self,
-        reference: &Reference,
         desc: &Descriptor,
         mut offset: u64,
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
-    ) -> Result<AttemptEnd, (u64, String)> {
-        let request =
-            self.client
-                .pull_blob_stream_partial(reference, desc.digest.as_str(), offset, None);
-        let response = match tokio::time::timeout(self.timeouts.request, request).await {
-            Err(_) => {
-                return Err((
-                    offset,
-                    format!("no response within {:?}", self.timeouts.request),
-                ))
-            }
-            Ok(Err(e)) => return Err((offset, e.to_string())),
-            Ok(Ok(r)) => r,
+    ) -> Result<AttemptEnd, (u64, RegistryError)> {
+        let what = format!("blob {}", desc.digest);
+        let req = Req {
+            kind: "blob",
+            method: Method::GET,
+            path: format!("/v2/{}/blobs/{}", self.repository, desc.digest),
+            accept: None,
+            range_from: offset,
         };
+        let mut response = self.send(&req, &what).await.map_err(|e| (offset, e))?;
         // A server that ignores Range sends the whole blob again: skip what we already have.
-        let (mut stream, mut skip) = match response {
-            BlobResponse::Partial(s) => (s, 0),
-            BlobResponse::Full(s) => (s, offset),
+        let mut skip = match response.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let start = content_range_start(response.headers());
+                if start != Some(offset) {
+                    return Err((
+                        offset,
+                        RegistryError::Network {
+                            what,
+                            reason: format!("asked for bytes from {offset}, got Content-Range starting at {start:?}"),
+                        },
+                    ));
+                }
+                0
+            }
+            _ => offset,
+        };
+        let network = |reason: String| RegistryError::Network {
+            what: what.clone(),
+            reason,
         };
         loop {
-            let next = tokio::time::timeout(self.timeouts.stall, stream.next()).await;
-            let chunk = match next {
+            let next = tokio::time::timeout(self.timeouts.stall, response.chunk()).await;
+            let mut chunk = match next {
                 Err(_) => {
                     return Err((
                         offset,
-                        format!("stalled: no data for {:?}", self.timeouts.stall),
+                        RegistryError::Timeout {
+                            what: format!("{what}: stalled"),
+                            after: self.timeouts.stall,
+                        },
                     ))
                 }
-                Ok(None) if offset < desc.size => {
+                Ok(Err(e)) => return Err((offset, network(crate::daemon::error_chain(&e)))),
+                Ok(Ok(None)) if offset < desc.size => {
                     return Err((
                         offset,
-                        format!("connection ended at byte {offset} of {}", desc.size),
+                        network(format!(
+                            "connection ended at byte {offset} of {}",
+                            desc.size
+                        )),
                     ))
                 }
-                Ok(None) => return Ok(AttemptEnd::Done),
-                Ok(Some(Err(e))) => return Err((offset, e.to_string())),
-                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Ok(None)) => return Ok(AttemptEnd::Done),
+                Ok(Ok(Some(chunk))) => chunk,
             };
-            let mut chunk = chunk;
             if skip > 0 {
                 let n = skip.min(chunk.len() as u64);
                 skip -= n;
@@ -425,6 +776,86 @@ impl Registry {
             }
         }
     }
+}
+
+/// Turns a non-success response into an error carrying its status, a short detail from the body
+/// and any `Retry-After`.
+async fn check_status(
+    response: reqwest::Response,
+    what: &str,
+) -> Result<reqwest::Response, RegistryError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    // The body is only for the message: read a little, briefly.
+    let body = tokio::time::timeout(Duration::from_secs(2), response.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let mut detail = String::from_utf8_lossy(&body[..body.len().min(300)])
+        .trim()
+        .to_string();
+    if detail.is_empty() && status == StatusCode::NOT_FOUND {
+        detail = "not found".into();
+    }
+    if detail.is_empty() && status == StatusCode::UNAUTHORIZED {
+        detail = "unauthorized: check the registry credentials".into();
+    }
+    Err(RegistryError::Status {
+        what: what.to_string(),
+        status: status.as_u16(),
+        detail,
+        retry_after,
+    })
+}
+
+fn content_range_start(headers: &HeaderMap) -> Option<u64> {
+    // "bytes START-END/TOTAL"
+    let v = headers.get(CONTENT_RANGE)?.to_str().ok()?;
+    v.strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+fn parse_challenge(header: &str) -> Option<Challenge> {
+    let challenges = http_auth::parse_challenges(header).ok()?;
+    for c in challenges {
+        if c.scheme.eq_ignore_ascii_case("bearer") {
+            let param = |name: &str| {
+                c.params
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.to_unescaped())
+            };
+            return Some(Challenge::Bearer {
+                realm: param("realm")?,
+                service: param("service"),
+            });
+        }
+        if c.scheme.eq_ignore_ascii_case("basic") {
+            return Some(Challenge::Basic);
+        }
+    }
+    None
 }
 
 enum AttemptEnd {
@@ -482,6 +913,41 @@ mod tests {
         assert!(check_sha256("sha256:ABC").is_err());
         assert!(check_sha256(&format!("sha256:{}", "A".repeat(64))).is_err());
         assert!(check_sha256("nonsense").is_err());
+    }
+
+    #[test]
+    fn challenges_parse() {
+        match parse_challenge(
+            r#"Bearer realm="https://ghcr.io/token",service="ghcr.io",scope="repository:a/b:pull""#,
+        ) {
+            Some(Challenge::Bearer { realm, service }) => {
+                assert_eq!(realm, "https://ghcr.io/token");
+                assert_eq!(service.as_deref(), Some("ghcr.io"));
+            }
+            _ => panic!("bearer challenge not recognised"),
+        }
+        assert!(matches!(
+            parse_challenge(r#"Basic realm="test""#),
+            Some(Challenge::Basic)
+        ));
+        assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn content_range_is_read() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_RANGE, "bytes 100-199/200".parse().unwrap());
+        assert_eq!(content_range_start(&h), Some(100));
+    }
+
+    #[test]
+    fn credentials_never_print_secrets() {
+        let c = Credentials::Basic {
+            username: "robot".into(),
+            password: "hunter2".into(),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!format!("{:?}", Credentials::Bearer("tok123".into())).contains("tok123"));
     }
 
     #[test]

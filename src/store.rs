@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 pub const FILE_MODE: u32 = 0o644;
 pub const DIR_MODE: u32 = 0o755;
 const MANIFEST: &str = ".bootsync.json";
-const LOCK: &str = ".bootsync.lock";
 const STAGING_PREFIX: &str = ".staging-";
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -151,13 +150,8 @@ impl Store {
     pub fn open(dest: &Path) -> Result<Store, StoreError> {
         let versions = dest.join("versions");
         create_dirs(&versions).map_err(at(&versions))?;
-        let lock_path = dest.join(LOCK);
-        let lock = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(at(&lock_path))?;
+        // flock(2) on the directory itself: nothing extra on disk for matchbox to serve.
+        let lock = fs::File::open(dest).map_err(at(dest))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -165,7 +159,7 @@ impl Store {
                     dest: dest.to_path_buf(),
                 })
             }
-            Err(fs::TryLockError::Error(e)) => return Err(at(&lock_path)(e)),
+            Err(fs::TryLockError::Error(e)) => return Err(at(dest)(e)),
         }
         let store = Store {
             dest: dest.to_path_buf(),
@@ -489,7 +483,7 @@ mod tests {
         assert_eq!(entries(&dest.join("versions")), vec!["bb", "cc"]);
         assert_eq!(
             entries(&dest),
-            vec![".bootsync.lock", "current", "initrd", "versions", "vmlinuz"]
+            vec!["current", "initrd", "versions", "vmlinuz"]
         );
         let mode = fs::metadata(dest.join("versions/cc/vmlinuz"))
             .unwrap()
@@ -538,10 +532,7 @@ mod tests {
             fs::write(tmp.path().join(".tmp-current-1-2"), b"").unwrap();
         }
         let store = Store::open(tmp.path()).unwrap();
-        assert_eq!(
-            entries(tmp.path()),
-            vec![".bootsync.lock", "current", "k", "versions"]
-        );
+        assert_eq!(entries(tmp.path()), vec!["current", "k", "versions"]);
         assert_eq!(store.current().unwrap().hex(), "bb");
     }
 
@@ -563,6 +554,6 @@ mod tests {
             let staging = store.stage("aa").unwrap();
             fs::write(staging.path().join("k"), b"partial").unwrap();
         }
-        assert_eq!(entries(tmp.path()), vec![".bootsync.lock", "versions"]);
+        assert_eq!(entries(tmp.path()), vec!["versions"]);
     }
 }

@@ -1,13 +1,14 @@
 //! One sync of one target: resolve the reference, and when it moved, pull the platform's image
 //! into a staging directory and publish it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use oci_client::Reference;
 
 use crate::config::{Settings, Target};
 use crate::pipeline::{self, PipelineError};
-use crate::registry::{Registry, RegistryError};
+use crate::registry::{Credentials, Observer, Registry, RegistryError, TokenCache};
 use crate::store::{self, Store, StoreError, VersionManifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,24 @@ pub enum SyncError {
     Store(#[from] StoreError),
     #[error("invalid reference {reference:?}: {reason}")]
     Reference { reference: String, reason: String },
+}
+
+/// What syncs share across runs: the settings, cached registry tokens, the request observer.
+#[derive(Clone)]
+pub struct Context {
+    pub settings: Arc<Settings>,
+    pub tokens: TokenCache,
+    pub observer: Option<Observer>,
+}
+
+impl Context {
+    pub fn new(settings: Settings) -> Context {
+        Context {
+            settings: Arc::new(settings),
+            tokens: TokenCache::default(),
+            observer: None,
+        }
+    }
 }
 
 /// What a successful sync did.
@@ -53,7 +72,8 @@ pub fn published(target: &Target) -> Option<VersionManifest> {
     serde_json::from_slice(&text).ok()
 }
 
-pub async fn sync_target(settings: &Settings, target: &Target) -> Result<Outcome, SyncError> {
+pub async fn sync_target(cx: &Context, target: &Target) -> Result<Outcome, SyncError> {
+    let settings = &cx.settings;
     let started = Instant::now();
     let reference: Reference = target
         .reference
@@ -74,7 +94,15 @@ pub async fn sync_target(settings: &Settings, target: &Target) -> Result<Outcome
     }
 
     let registry_settings = settings.registry(reference.resolve_registry());
-    let registry = Registry::connect(&reference, &registry_settings, settings.timeouts)?;
+    let credentials = Credentials::from_settings(&registry_settings)?;
+    let registry = Registry::connect(
+        &reference,
+        &registry_settings,
+        credentials,
+        settings.timeouts,
+    )?
+    .with_tokens(cx.tokens.clone())
+    .with_observer(cx.observer.clone());
     let tag_digest = registry.resolve(&reference).await?;
     if let Some(cur) = &current {
         if cur.tag_digest == tag_digest {
@@ -84,7 +112,7 @@ pub async fn sync_target(settings: &Settings, target: &Target) -> Result<Outcome
     }
 
     let image = registry
-        .image_manifest(&reference, &tag_digest, &target.platform)
+        .image_manifest(&tag_digest, &target.platform)
         .await?;
     let hex = store::digest_hex(&image.digest).to_string();
     let manifest_for = |files| VersionManifest {
@@ -113,14 +141,7 @@ pub async fn sync_target(settings: &Settings, target: &Target) -> Result<Outcome
     }
 
     let staging = store.stage(&hex)?;
-    let files = pipeline::extract(
-        &registry,
-        &reference,
-        &image.layers,
-        &target.files,
-        staging.path(),
-    )
-    .await?;
+    let files = pipeline::extract(&registry, &image.layers, &target.files, staging.path()).await?;
     let m = manifest_for(files);
     store.commit(staging, &m)?;
     store.activate(&m, &names)?;

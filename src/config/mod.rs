@@ -45,6 +45,8 @@ pub struct RegistrySettings {
     /// Basic credentials; the password is read from the file at each sync so it can rotate.
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// A bearer token sent as is (read at each sync).
+    pub token_file: Option<PathBuf>,
 }
 
 /// One image reference kept in step with one destination directory.

@@ -29,6 +29,7 @@ pub struct RawRegistry {
     pub ca_file: Option<String>,
     pub username: Option<String>,
     pub password_file: Option<String>,
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -85,9 +85,16 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigEr
         request: cx.duration("request_timeout", raw.request_timeout.as_deref(), "30s")?,
         stall: cx.duration("stall_timeout", raw.stall_timeout.as_deref(), "60s")?,
     };
-    let assets_root = PathBuf::from(raw.assets_root.as_deref().unwrap_or(DEFAULT_ASSETS_ROOT));
+    let mut assets_root = PathBuf::from(raw.assets_root.as_deref().unwrap_or(DEFAULT_ASSETS_ROOT));
     if !assets_root.is_absolute() {
-        return Err(cx.err("assets_root", "must be an absolute path"));
+        // Relative to the working directory: handy for trying bootsync out in a checkout.
+        let cwd = std::env::current_dir().map_err(|e| {
+            cx.err(
+                "assets_root",
+                format!("cannot resolve a relative path: {e}"),
+            )
+        })?;
+        assets_root = cwd.join(assets_root);
     }
 
     let mut registries = Vec::new();
@@ -154,12 +161,19 @@ fn registry(cx: &Ctx, i: usize, r: RawRegistry) -> Result<RegistrySettings, Conf
     if r.password_file.is_some() != r.username.is_some() {
         return Err(cx.err(key("username"), "username and password_file go together"));
     }
+    if r.token_file.is_some() && r.username.is_some() {
+        return Err(cx.err(
+            key("token_file"),
+            "use either token_file or username/password_file",
+        ));
+    }
     Ok(RegistrySettings {
         host,
         insecure: r.insecure.unwrap_or(false),
         ca_file: r.ca_file.map(PathBuf::from),
         username: r.username,
         password_file: r.password_file.map(PathBuf::from),
+        token_file: r.token_file.map(PathBuf::from),
     })
 }
 
@@ -522,6 +536,11 @@ preset = "demo"
         assert!(err(&format!("listen = \"localhost\"\n{MINIMAL}")).contains("listen"));
         assert!(err(&MINIMAL.replace("dest = \"talos\"", "dest = \"../etc\"")).contains("dest"));
         assert!(err(&format!("{MINIMAL}platform = \"arm64\"\n")).contains("platform"));
+        let rel = parse(&format!("assets_root = \"assets\"\n{MINIMAL}")).unwrap();
+        assert_eq!(
+            rel.targets[0].dest,
+            std::env::current_dir().unwrap().join("assets/talos")
+        );
         assert!(err(&MINIMAL.replace(":demo-stable", ":Bad Tag!")).contains("reference"));
         let reg = "[[registry]]\nhost = \"https://x\"\n";
         assert!(err(&format!("{reg}{MINIMAL}")).contains("registry[0].host"));

@@ -9,10 +9,13 @@ use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
 use crate::config::{self, Settings};
-use crate::daemon;
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use crate::daemon::{self, Daemon};
 use crate::logging::{self, LogFormat};
 use crate::status::{Board, Report};
-use crate::sync::Outcome;
+use crate::sync::Context as SyncContext;
 
 /// Exit code for an invalid config or bad usage.
 const EXIT_CONFIG: u8 = 2;
@@ -46,7 +49,19 @@ enum Command {
         /// Only these targets (repeatable).
         #[arg(long = "target", value_name = "NAME")]
         targets: Vec<String>,
+        /// Resolve and report what would be downloaded; write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
+    /// Switch a target back to a retained version (re-verified first) and pin it there.
+    Rollback {
+        target: String,
+        /// Digest (or unique hex prefix) of the version [default: the one before the current].
+        #[arg(long, value_name = "DIGEST")]
+        to: Option<String>,
+    },
+    /// Lift a rollback pin: the target follows its reference again.
+    Unpin { target: String },
     /// Validate the config file and print what it defines.
     CheckConfig,
     /// Show the daemon's status (from its `/status`).
@@ -62,7 +77,9 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // The config may set the log level; RUST_LOG wins. Config errors are printed either way.
+    let level = Settings::load(&cli.config).ok().and_then(|s| s.log_level);
+    logging::init(cli.log_format, level.as_deref());
     // reqwest is built without a TLS provider of its own (aws-lc is slow to build); use ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -98,8 +115,19 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
     };
     match cli.command {
-        Command::Run => run(settings).await,
-        Command::Sync { once: _, targets } => sync_once(settings, &targets).await,
+        Command::Run => run(settings, &cli.config).await,
+        Command::Sync {
+            once: _,
+            targets,
+            dry_run: false,
+        } => sync_once(settings, &targets).await,
+        Command::Sync {
+            targets,
+            dry_run: true,
+            ..
+        } => dry_run(settings, &targets).await,
+        Command::Rollback { target, to } => rollback(settings, &target, to.as_deref()),
+        Command::Unpin { target } => unpin(settings, &target),
         Command::CheckConfig => {
             check_config(&cli.config, &settings);
             Ok(ExitCode::SUCCESS)
@@ -131,29 +159,44 @@ fn check_config(path: &Path, s: &Settings) {
     }
 }
 
-async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
-    let cx = crate::sync::Context::new(settings);
-    let settings = cx.settings.clone();
+fn selected<'a>(
+    settings: &'a Settings,
+    only: &[String],
+) -> Result<Vec<&'a crate::config::Target>, String> {
     for name in only {
-        if !settings.targets.iter().any(|t| &t.name == name) {
-            eprintln!("error: no target named {name:?} in the config");
-            return Ok(ExitCode::from(EXIT_CONFIG));
+        if settings.target(name).is_none() {
+            return Err(format!("no target named {name:?} in the config"));
         }
     }
-    let board = Board::new(&settings.targets);
-    let mut failed = 0;
-    for target in settings
+    Ok(settings
         .targets
         .iter()
         .filter(|t| only.is_empty() || only.contains(&t.name))
-    {
-        match daemon::sync_and_record(&cx, target, &board).await {
+        .collect())
+}
+
+async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
+    let mut cx = SyncContext::new(settings);
+    if std::io::stderr().is_terminal() {
+        cx.progress = Some(Arc::new(crate::progress::TerminalProgress));
+    }
+    let targets = match selected(&cx.settings, only) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let board = Board::new(&cx.settings.targets);
+    let mut failed = 0;
+    for target in targets {
+        match daemon::sync_and_record(&cx, target, &board, false)
+            .await
+            .result
+        {
             Ok(outcome) => {
-                let (what, m) = match &outcome {
-                    Outcome::UpToDate(m) => ("up to date", m),
-                    Outcome::Reactivated(m) => ("re-activated", m),
-                    Outcome::Published(m) => ("published", m),
-                };
+                let m = outcome.manifest();
+                let what = outcome.label().replace('_', " ");
                 println!(
                     "{}: {what} {} ({} files)",
                     target.name,
@@ -174,18 +217,107 @@ async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
     })
 }
 
-async fn run(settings: Settings) -> Result<ExitCode> {
-    let cx = crate::sync::Context::new(settings);
-    let settings = cx.settings.clone();
-    let listener = tokio::net::TcpListener::bind(settings.listen)
+async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
+    let cx = SyncContext::new(settings);
+    let targets = match selected(&cx.settings, only) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let mut failed = false;
+    for target in targets {
+        match crate::sync::plan_target(&cx, target).await {
+            Ok(plan) => {
+                use crate::sync::PlanAction;
+                match plan.action {
+                    PlanAction::UpToDate => {
+                        println!("{}: up to date ({})", target.name, plan.manifest_digest)
+                    }
+                    PlanAction::Pinned(d) => println!(
+                        "{}: pinned to {d}; nothing would be downloaded",
+                        target.name
+                    ),
+                    PlanAction::Reactivate => {
+                        println!(
+                            "{}: would switch to the retained version {} (no download)",
+                            target.name, plan.manifest_digest
+                        )
+                    }
+                    PlanAction::Download(layers) => {
+                        println!(
+                            "{}: would publish {} (tag {}); layers, top first, read until every file is found:",
+                            target.name, plan.manifest_digest, plan.tag_digest
+                        );
+                        for (digest, size) in layers {
+                            println!("  {digest}  {:.1} MB", size as f64 / 1e6);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("error: target {}: {}", target.name, daemon::error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn rollback(settings: Settings, name: &str, to: Option<&str>) -> Result<ExitCode> {
+    let Some(target) = settings.target(name) else {
+        eprintln!("error: no target named {name:?} in the config");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    let m = crate::sync::rollback(&settings, target, to)
+        .with_context(|| format!("rolling back {name}"))?;
+    println!(
+        "{name}: now serving {} (pinned; `bootsync unpin {name}` follows the reference again)",
+        m.digest
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unpin(settings: Settings, name: &str) -> Result<ExitCode> {
+    if settings.target(name).is_none() {
+        eprintln!("error: no target named {name:?} in the config");
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    }
+    let was = crate::pins::clear(&settings.state_dir, name).with_context(|| {
+        format!(
+            "removing the pin of {name} in {}",
+            settings.state_dir.display()
+        )
+    })?;
+    if was {
+        println!(
+            "{name}: unpinned; the next sync follows {}",
+            settings.target(name).map_or("", |t| t.reference.as_str())
+        );
+    } else {
+        println!("{name}: was not pinned");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
+    let cx = SyncContext::new(settings);
+    let listen = cx.settings.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    let board = Board::new(&settings.targets);
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let board = Board::new(&cx.settings.targets);
+    let daemon = Daemon::new(cx, board, config_path);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let api = {
         let mut stop = stop_rx.clone();
-        let app = crate::http::router(board.clone());
+        let app = crate::http::router(daemon.clone());
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -194,14 +326,34 @@ async fn run(settings: Settings) -> Result<ExitCode> {
                 .await
         })
     };
-    tracing::info!(listen = %settings.listen, targets = settings.targets.len(), "bootsync started");
+    daemon.recover_all().await;
+    tracing::info!(%listen, targets = daemon.target_names().len(), "bootsync started");
+    crate::systemd::ready();
+    crate::systemd::status(&daemon.board().summary());
+    crate::systemd::spawn_watchdog();
 
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-    });
-    daemon::run_loops(cx, board, stop_rx).await;
+    // Reload on SIGHUP and when the config files change; stop on SIGTERM/SIGINT.
+    let _config_watch = match daemon::watch_config(config_path) {
+        Some((watcher, events)) => {
+            tokio::spawn(daemon::reload_on_change(
+                daemon.clone(),
+                events,
+                stop_rx.clone(),
+            ));
+            Some(watcher)
+        }
+        None => None,
+    };
+    {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            handle_signals(daemon).await;
+            tracing::info!("shutting down");
+            crate::systemd::stopping();
+            let _ = stop_tx.send(true);
+        });
+    }
+    daemon.run(stop_rx).await;
     match api.await {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e).context("HTTP API failed"),
@@ -209,21 +361,25 @@ async fn run(settings: Settings) -> Result<ExitCode> {
     }
 }
 
-async fn wait_for_signal() {
+/// Reloads on SIGHUP; returns on SIGTERM or SIGINT.
+async fn handle_signals(daemon: Arc<Daemon>) {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!("cannot install signal handlers");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the config");
+                daemon.reload();
             }
-        }
-        _ => {
-            // Without signal handlers, Ctrl-C still works through the default action.
-            std::future::pending::<()>().await;
         }
     }
 }

@@ -1,23 +1,35 @@
-//! The HTTP API: `/healthz`, `/readyz`, `/status`.
+//! The HTTP API: health, readiness, status, metrics, and POSTs to sync, roll back and unpin.
+//!
+//! POSTs need `Authorization: Bearer <token_file contents>` whenever a token is configured
+//! (always, when `listen` is not a loopback address).
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::status::Board;
+use crate::daemon::{Daemon, Triggered};
 
-pub fn router(board: Board) -> Router {
+pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
-        .with_state(board)
+        .route("/metrics", get(metrics))
+        .route("/sync", post(sync_all))
+        .route("/targets/{name}/sync", post(sync_one))
+        .route("/targets/{name}/rollback", post(rollback))
+        .route("/targets/{name}/unpin", post(unpin))
+        .with_state(daemon)
 }
 
-async fn readyz(State(board): State<Board>) -> impl IntoResponse {
-    let report = board.report();
+async fn readyz(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
+    let report = d.board().report();
     let waiting: Vec<&str> = report
         .targets
         .iter()
@@ -37,6 +49,141 @@ async fn readyz(State(board): State<Board>) -> impl IntoResponse {
     }
 }
 
-async fn status(State(board): State<Board>) -> impl IntoResponse {
-    Json(board.report())
+async fn status(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
+    Json(d.board().report())
+}
+
+async fn metrics(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        d.context().metrics.encode(),
+    )
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Checks the bearer token when one is configured (compared in constant time); returns the
+/// response to send when the request is not authorized.
+fn unauthorized(d: &Daemon, headers: &HeaderMap) -> Option<Response> {
+    let token = d.context().settings.api_token.clone()?;
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let (a, b) = (given.as_bytes(), token.0.as_bytes());
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    (!same).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
+}
+
+async fn sync_all(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
+    if let Some(r) = unauthorized(&d, &headers) {
+        return r;
+    }
+    let mut started = Vec::new();
+    let mut busy = Vec::new();
+    for name in d.target_names() {
+        match d.trigger(&name, crate::daemon::Trigger::Sync) {
+            Triggered::Started => started.push(name),
+            Triggered::Busy => busy.push(name),
+            Triggered::Unknown => {}
+        }
+    }
+    let code = if started.is_empty() && !busy.is_empty() {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::ACCEPTED
+    };
+    (
+        code,
+        Json(json!({ "started": started, "already_running": busy })),
+    )
+        .into_response()
+}
+
+async fn sync_one(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&d, &headers) {
+        return r;
+    }
+    match d.trigger(&name, crate::daemon::Trigger::Sync) {
+        Triggered::Started => {
+            (StatusCode::ACCEPTED, Json(json!({ "started": [name] }))).into_response()
+        }
+        Triggered::Busy => error(StatusCode::CONFLICT, format!("a sync of {name} is running")),
+        Triggered::Unknown => error(StatusCode::NOT_FOUND, format!("no target {name:?}")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RollbackRequest {
+    to: Option<String>,
+}
+
+async fn rollback(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Option<Json<RollbackRequest>>,
+) -> Response {
+    if let Some(r) = unauthorized(&d, &headers) {
+        return r;
+    }
+    let settings = d.context().settings;
+    let Some(target) = settings.target(&name).cloned() else {
+        return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
+    };
+    let to = body.and_then(|Json(b)| b.to);
+    let result = tokio::task::spawn_blocking(move || {
+        crate::sync::rollback(&settings, &target, to.as_deref())
+    })
+    .await;
+    match result {
+        Ok(Ok(m)) => {
+            tracing::warn!(target = %name, digest = %m.digest, "rolled back and pinned (API)");
+            d.board().set_published(&name, &m);
+            d.board().set_pinned(&name, Some(m.digest.clone()));
+            (
+                StatusCode::OK,
+                Json(json!({ "target": name, "digest": m.digest, "pinned": true })),
+            )
+                .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::CONFLICT, crate::daemon::error_chain(&e)),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn unpin(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = unauthorized(&d, &headers) {
+        return r;
+    }
+    let settings = d.context().settings;
+    if settings.target(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
+    }
+    match crate::pins::clear(&settings.state_dir, &name) {
+        Ok(was) => {
+            d.board().set_pinned(&name, None);
+            d.trigger(&name, crate::daemon::Trigger::Sync);
+            (
+                StatusCode::OK,
+                Json(json!({ "target": name, "was_pinned": was })),
+            )
+                .into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }

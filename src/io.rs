@@ -1,6 +1,8 @@
 //! Small composable `Read` adapters for the streaming pipeline (after coreos-installer's `io`).
 
+use std::cell::Cell;
 use std::io::{self, Read};
+use std::rc::Rc;
 
 use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
@@ -130,6 +132,75 @@ impl<W: io::Write> io::Write for HashWriter<W> {
     }
 }
 
+/// Counts the bytes read through it into a cell that an adapter downstream can read.
+pub struct CountingReader<R> {
+    inner: R,
+    count: Rc<Cell<u64>>,
+}
+
+impl<R: Read> CountingReader<R> {
+    pub fn new(inner: R) -> (Self, Rc<Cell<u64>>) {
+        let count = Rc::new(Cell::new(0));
+        (
+            CountingReader {
+                inner,
+                count: count.clone(),
+            },
+            count,
+        )
+    }
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.set(self.count.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Refuses to produce more than `ratio` bytes per byte counted upstream (a decompression bomb),
+/// once past `grace` bytes (small, very compressible layers are fine).
+pub struct RatioLimit<R> {
+    inner: R,
+    upstream: Rc<Cell<u64>>,
+    produced: u64,
+    ratio: u64,
+    grace: u64,
+}
+
+impl<R: Read> RatioLimit<R> {
+    pub fn new(inner: R, upstream: Rc<Cell<u64>>, ratio: u64, grace: u64) -> Self {
+        RatioLimit {
+            inner,
+            upstream,
+            produced: 0,
+            ratio,
+            grace,
+        }
+    }
+}
+
+impl<R: Read> Read for RatioLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.produced += n as u64;
+        let allowed = self.upstream.get().max(1).saturating_mul(self.ratio);
+        if self.produced > self.grace && self.produced > allowed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "decompresses to more than {} times its size ({} bytes from {}): a decompression bomb? (max_compression_ratio)",
+                    self.ratio,
+                    self.produced,
+                    self.upstream.get()
+                ),
+            ));
+        }
+        Ok(n)
+    }
+}
+
 /// How a layer blob is compressed, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
@@ -236,6 +307,36 @@ mod tests {
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "first second");
+    }
+
+    #[test]
+    fn ratio_limit_stops_bombs() {
+        let zeros = vec![0u8; 4 << 20];
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&zeros).unwrap();
+        let bomb = e.finish().unwrap();
+        let (counted, count) = CountingReader::new(&bomb[..]);
+        let decoded = Compression::Gzip
+            .decoder(io::BufReader::new(counted))
+            .unwrap();
+        let mut limited = RatioLimit::new(decoded, count, 100, 1 << 20);
+        let e = io::copy(&mut limited, &mut io::sink()).unwrap_err();
+        assert!(e.to_string().contains("decompression bomb"), "{e}");
+
+        // an ordinary stream passes
+        let data = b"some text that compresses a bit, but not a thousandfold".repeat(100);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(&data).unwrap();
+        let gz = e.finish().unwrap();
+        let (counted, count) = CountingReader::new(&gz[..]);
+        let decoded = Compression::Gzip
+            .decoder(io::BufReader::new(counted))
+            .unwrap();
+        let mut limited = RatioLimit::new(decoded, count, 100, 0);
+        assert_eq!(
+            io::copy(&mut limited, &mut io::sink()).unwrap(),
+            data.len() as u64
+        );
     }
 
     #[test]

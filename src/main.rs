@@ -4,14 +4,20 @@ mod assets;
 mod cli;
 mod config;
 mod daemon;
+mod hook;
 mod http;
 mod io;
 mod logging;
+mod metrics;
+mod pins;
 mod pipeline;
+mod profile;
+mod progress;
 mod registry;
 mod status;
 mod store;
 mod sync;
+mod systemd;
 
 fn main() -> std::process::ExitCode {
     cli::main()

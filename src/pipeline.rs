@@ -13,14 +13,18 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
+use crate::assets::Kind;
 use crate::config::FileSpec;
-use crate::io::{ChannelReader, Compression, HashReader, HashWriter};
+use crate::config::{Limits, Modes};
+use crate::io::{ChannelReader, Compression, CountingReader, HashReader, HashWriter, RatioLimit};
 use crate::registry::{Descriptor, Registry};
-use crate::store::{FileRecord, FILE_MODE};
+use crate::store::FileRecord;
 
 /// Chunks in flight between the download and the unpacker (reqwest chunks are ~8-16 KiB).
 const CHANNEL_DEPTH: usize = 64;
 const READ_BUFFER: usize = 256 * 1024;
+/// Decompressed bytes a layer may produce before the compression-ratio cap applies.
+const RATIO_GRACE: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -62,6 +66,20 @@ pub enum PipelineError {
     },
     #[error("internal: unpacking thread failed: {0}")]
     Join(String),
+    #[error("{what} is larger than the configured {limit} ({max} bytes): {size} bytes")]
+    Limit {
+        what: String,
+        limit: &'static str,
+        max: u64,
+        size: u64,
+    },
+    #[error("{file} ({kind}): {source}; not published")]
+    Check {
+        file: String,
+        kind: crate::assets::Kind,
+        #[source]
+        source: crate::assets::CheckError,
+    },
 }
 
 /// What the layers above have decided so far.
@@ -91,10 +109,17 @@ fn is_at_or_below(path: &str, p: &str) -> bool {
     path == p || is_below(path, p)
 }
 
+/// Where a UKI waits in staging until it is split (a dot name: never published).
+fn uki_staging_name(spec: &FileSpec) -> String {
+    format!(".uki-{}", spec.name)
+}
+
 /// Where a wanted image path goes in the staging directory.
 fn destination(files: &[FileSpec], path: &str) -> Option<PathBuf> {
     files.iter().find_map(|f| {
-        if !f.is_dir && f.source == path {
+        if !f.is_dir && f.source == path && f.kind == Kind::Uki {
+            Some(PathBuf::from(uki_staging_name(f)))
+        } else if !f.is_dir && f.source == path {
             Some(PathBuf::from(&f.name))
         } else if f.is_dir && is_below(path, &f.source) {
             Some(Path::new(&f.name).join(&path[f.source.len() + 1..]))
@@ -111,18 +136,30 @@ pub async fn extract(
     layers: &[Descriptor],
     files: &[FileSpec],
     staging: &Path,
+    modes: &Modes,
+    limits: &Limits,
 ) -> Result<Vec<FileRecord>, PipelineError> {
     let mut overlay = Overlay::default();
     let mut records: HashMap<PathBuf, FileRecord> = HashMap::new();
     let exact: Vec<&FileSpec> = files.iter().filter(|f| !f.is_dir).collect();
     let has_dirs = files.iter().any(|f| f.is_dir);
     let mut searched = 0;
+    let mut downloaded: u64 = 0;
 
     for layer in layers.iter().rev() {
         if !has_dirs && exact.iter().all(|f| overlay.taken.contains(&f.source)) {
             break;
         }
         searched += 1;
+        downloaded += layer.size;
+        if downloaded > limits.max_download {
+            return Err(PipelineError::Limit {
+                what: format!("the layers needed so far (up to {})", layer.digest),
+                limit: "max_download_size",
+                max: limits.max_download,
+                size: downloaded,
+            });
+        }
         let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
             PipelineError::MediaType {
                 digest: layer.digest.clone(),
@@ -136,7 +173,11 @@ pub async fn extract(
         let unpack = {
             let layer = layer.clone();
             let files = files.to_vec();
-            let staging = staging.to_path_buf();
+            let out = Output {
+                dir: staging.to_path_buf(),
+                modes: *modes,
+                limits: *limits,
+            };
             let overlay = std::mem::take(&mut overlay);
             tokio::task::spawn_blocking(move || {
                 let result = unpack_layer(
@@ -144,7 +185,7 @@ pub async fn extract(
                     &layer,
                     compression,
                     &files,
-                    &staging,
+                    &out,
                     &overlay,
                 );
                 (overlay, result)
@@ -189,9 +230,99 @@ pub async fn extract(
             });
         }
     }
-    let mut out: Vec<FileRecord> = records.into_values().collect();
+    let records: Vec<FileRecord> = records.into_values().collect();
+    let (files, staging, modes, limits) = (files.to_vec(), staging.to_path_buf(), *modes, *limits);
+    let mut out = tokio::task::spawn_blocking(move || {
+        check_and_split(&files, &staging, records, &modes, &limits)
+    })
+    .await
+    .map_err(|e| PipelineError::Join(e.to_string()))??;
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// Checks every kernel and initramfs by its real format and splits UKIs into their parts, so
+/// nothing that would not boot is published.
+fn check_and_split(
+    files: &[FileSpec],
+    staging: &Path,
+    mut records: Vec<FileRecord>,
+    modes: &Modes,
+    limits: &Limits,
+) -> Result<Vec<FileRecord>, PipelineError> {
+    // An initramfs unpacks to a few times its size; more is a bomb.
+    let check_limits = crate::assets::Limits {
+        max_decompressed: limits.max_file.saturating_mul(8),
+    };
+    let failed = |file: &str, kind: Kind| {
+        let file = file.to_string();
+        move |source| PipelineError::Check { file, kind, source }
+    };
+    let open_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PipelineError::Write { path, source }
+    };
+    for spec in files.iter().filter(|f| !f.is_dir) {
+        match spec.kind {
+            Kind::Raw => {}
+            Kind::Kernel => {
+                let path = staging.join(&spec.name);
+                let file = fs::File::open(&path).map_err(open_err(&path))?;
+                let len = file.metadata().map_err(open_err(&path))?.len();
+                let verdict =
+                    crate::assets::check_kernel_with(BufReader::new(file), len, &check_limits)
+                        .map_err(failed(&spec.name, spec.kind))?;
+                tracing::info!(file = %spec.name, "kernel: {verdict}");
+            }
+            Kind::Initramfs => {
+                let path = staging.join(&spec.name);
+                let file = fs::File::open(&path).map_err(open_err(&path))?;
+                let verdict = crate::assets::check_initramfs_with(
+                    BufReader::with_capacity(READ_BUFFER, file),
+                    &check_limits,
+                )
+                .map_err(failed(&spec.name, spec.kind))?;
+                tracing::info!(file = %spec.name, "{verdict}");
+            }
+            Kind::Uki => {
+                let uki = staging.join(uki_staging_name(spec));
+                let outputs = spec.outputs();
+                let [kernel, initrd, cmdline] = [0, 1, 2].map(|i| staging.join(&outputs[i]));
+                let parts = crate::assets::extract_uki_with(
+                    &uki,
+                    &kernel,
+                    &initrd,
+                    &cmdline,
+                    &check_limits,
+                )
+                .map_err(failed(&spec.name, spec.kind))?;
+                tracing::info!(file = %spec.name, "UKI: kernel {}, {}, cmdline {:?}", parts.kernel, parts.initramfs, parts.cmdline);
+                fs::remove_file(&uki).map_err(open_err(&uki))?;
+                records.retain(|r| r.name != uki_staging_name(spec));
+                for (name, section) in outputs.iter().zip([".linux", ".initrd", ".cmdline"]) {
+                    let path = staging.join(name);
+                    let file = fs::File::open(&path).map_err(open_err(&path))?;
+                    crate::store::apply_file_modes(&file, modes).map_err(open_err(&path))?;
+                    file.sync_all().map_err(open_err(&path))?;
+                    let (size, sha256) = crate::store::hash_file(&path).map_err(open_err(&path))?;
+                    records.push(FileRecord {
+                        name: name.clone(),
+                        size,
+                        sha256,
+                        source: format!("{}#{section}", spec.source),
+                    });
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Where and how files are written.
+struct Output {
+    dir: PathBuf,
+    modes: Modes,
+    limits: Limits,
 }
 
 /// What one layer contributed.
@@ -208,11 +339,11 @@ fn unpack_layer(
     layer: &Descriptor,
     compression: Compression,
     files: &[FileSpec],
-    staging: &Path,
+    out: &Output,
     overlay: &Overlay,
 ) -> Result<LayerFound, PipelineError> {
     let mut hashed = HashReader::new(blob, layer.size);
-    let walked = walk_tar(&mut hashed, layer, compression, files, staging, overlay);
+    let walked = walk_tar(&mut hashed, layer, compression, files, out, overlay);
     // Always read the blob to its end through the hasher: a corrupt blob must be reported as
     // such, even when the damage first shows up as a decoding error.
     let finished = hashed.finish();
@@ -245,7 +376,7 @@ fn walk_tar<R: Read>(
     layer: &Descriptor,
     compression: Compression,
     files: &[FileSpec],
-    staging: &Path,
+    out: &Output,
     overlay: &Overlay,
 ) -> Result<LayerFound, PipelineError> {
     let read_err = |source: io::Error| PipelineError::Read {
@@ -257,9 +388,11 @@ fn walk_tar<R: Read>(
         path: path.to_string(),
         reason,
     };
-    let mut decoded = compression
-        .decoder(BufReader::with_capacity(READ_BUFFER, blob))
+    let (counted, compressed) = CountingReader::new(blob);
+    let decoder = compression
+        .decoder(BufReader::with_capacity(READ_BUFFER, counted))
         .map_err(read_err)?;
+    let mut decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
     let mut found = LayerFound {
         files: HashMap::new(),
         deleted: Vec::new(),
@@ -309,8 +442,17 @@ fn walk_tar<R: Read>(
                     ),
                 ));
             }
-            let target = staging.join(&rel);
-            let record = write_file(&mut entry, &target, &rel, &path)?;
+            let size = entry.size();
+            if size > out.limits.max_file {
+                return Err(PipelineError::Limit {
+                    what: format!("{path} in layer {}", layer.digest),
+                    limit: "max_file_size",
+                    max: out.limits.max_file,
+                    size,
+                });
+            }
+            let target = out.dir.join(&rel);
+            let record = write_file(&mut entry, &target, &rel, &path, &out.modes)?;
             found.files.insert(path, record);
         }
     }
@@ -325,13 +467,14 @@ fn write_file(
     target: &Path,
     rel: &Path,
     source: &str,
+    modes: &Modes,
 ) -> Result<FileRecord, PipelineError> {
     let werr = |source: io::Error| PipelineError::Write {
         path: target.to_path_buf(),
         source,
     };
     if let Some(parent) = target.parent() {
-        crate::store::create_dirs(parent).map_err(werr)?;
+        crate::store::create_dirs(parent, modes).map_err(werr)?;
     }
     // Truncates: a later entry for the same path in one layer replaces an earlier one.
     let file = fs::File::create(target).map_err(werr)?;
@@ -339,7 +482,7 @@ fn write_file(
     io::copy(entry, &mut out).map_err(werr)?;
     let (buffered, size, sha256) = out.finish();
     let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
-    crate::store::set_mode(&file, FILE_MODE).map_err(werr)?;
+    crate::store::apply_file_modes(&file, modes).map_err(werr)?;
     // Durable before the version is renamed into place (fsynced here, on the unpacking thread).
     file.sync_all().map_err(werr)?;
     Ok(FileRecord {
@@ -359,6 +502,7 @@ mod tests {
             source: source.into(),
             is_dir,
             name: name.into(),
+            kind: Kind::Raw,
         }
     }
 

@@ -7,6 +7,7 @@
 //! streams that it hashes itself.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -171,28 +172,101 @@ pub enum Credentials {
 }
 
 impl Credentials {
-    /// Reads the credentials configured for a registry; files are read at every sync, so
-    /// rotating them needs no restart.
-    pub fn from_settings(settings: &RegistrySettings) -> Result<Credentials, RegistryError> {
-        let read = |key: &str, file: &std::path::Path| {
+    /// The credentials configured for a registry: its `token_file`, its `username` +
+    /// `password_file`, else an `auths` entry for the host in the Docker `config.json`, else
+    /// anonymous. Files are read at every sync, so rotating them needs no restart.
+    pub fn from_settings(
+        settings: &RegistrySettings,
+        docker_config: Option<&Path>,
+    ) -> Result<Credentials, RegistryError> {
+        let setup = |reason: String| RegistryError::Setup {
+            host: settings.host.clone(),
+            reason,
+        };
+        let read = |key: &str, file: &Path| {
             std::fs::read_to_string(file)
                 .map(|s| s.trim_end_matches(['\r', '\n']).to_string())
-                .map_err(|e| RegistryError::Setup {
-                    host: settings.host.clone(),
-                    reason: format!("{key} {}: {e}", file.display()),
-                })
+                .map_err(|e| setup(format!("{key} {}: {e}", file.display())))
         };
         if let Some(file) = &settings.token_file {
             return Ok(Credentials::Bearer(read("token_file", file)?));
         }
-        match (&settings.username, &settings.password_file) {
-            (Some(username), Some(file)) => Ok(Credentials::Basic {
+        if let (Some(username), Some(file)) = (&settings.username, &settings.password_file) {
+            return Ok(Credentials::Basic {
                 username: username.clone(),
                 password: read("password_file", file)?,
-            }),
-            _ => Ok(Credentials::Anonymous),
+            });
         }
+        if let Some(path) = docker_config {
+            let text = read("docker_config", path)?;
+            return docker_auth(&text, &settings.host)
+                .map_err(|e| setup(format!("docker_config {}: {e}", path.display())));
+        }
+        Ok(Credentials::Anonymous)
     }
+}
+
+/// Finds `host` in a Docker `config.json` (`auths` entries keyed by host, with or without a
+/// scheme or path; `auth` = base64 of `user:password`, or `username` and `password`).
+fn docker_auth(text: &str, host: &str) -> Result<Credentials, String> {
+    use base64::Engine as _;
+    #[derive(Deserialize)]
+    struct DockerConfig {
+        #[serde(default)]
+        auths: HashMap<String, DockerAuth>,
+    }
+    #[derive(Deserialize)]
+    struct DockerAuth {
+        auth: Option<String>,
+        username: Option<String>,
+        password: Option<String>,
+        identitytoken: Option<String>,
+    }
+    // Parse errors from serde_json quote the input: keep them out of messages (secrets).
+    let config: DockerConfig = serde_json::from_str(text)
+        .map_err(|e| format!("not valid JSON (line {}, column {})", e.line(), e.column()))?;
+    let normalise = |key: &str| -> String {
+        let k = key.split_once("://").map_or(key, |(_, rest)| rest);
+        let k = k.split('/').next().unwrap_or(k);
+        if k == "docker.io" || k == "registry-1.docker.io" {
+            "index.docker.io".to_string()
+        } else {
+            k.to_string()
+        }
+    };
+    let Some(entry) = config
+        .auths
+        .iter()
+        .find(|(k, _)| normalise(k) == host)
+        .map(|(_, v)| v)
+    else {
+        return Ok(Credentials::Anonymous);
+    };
+    if entry.identitytoken.is_some() {
+        return Err(format!("the entry for {host} holds an identity token, which bootsync does not support; use username and password"));
+    }
+    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
+        return Ok(Credentials::Basic {
+            username: username.clone(),
+            password: password.clone(),
+        });
+    }
+    let auth = entry
+        .auth
+        .as_deref()
+        .ok_or_else(|| format!("the entry for {host} has no auth"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|_| format!("the auth of {host} is not base64"))?;
+    let decoded =
+        String::from_utf8(decoded).map_err(|_| format!("the auth of {host} is not UTF-8"))?;
+    let (username, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| format!("the auth of {host} is not user:password"))?;
+    Ok(Credentials::Basic {
+        username: username.to_string(),
+        password: password.to_string(),
+    })
 }
 
 // Never print secrets, even in debug output.
@@ -228,9 +302,15 @@ impl TokenCache {
     }
 }
 
-/// Called after every registry response: `(host, request kind, status)`; status 0 means no
-/// response (network error or timeout).
-pub type Observer = Arc<dyn Fn(&str, &'static str, u16) + Send + Sync>;
+/// Told about registry traffic (metrics, progress display).
+pub trait Observer: Send + Sync {
+    /// After every response: status 0 means none came (network error or timeout).
+    fn response(&self, host: &str, kind: &'static str, status: u16);
+    /// Blob bytes received.
+    fn bytes(&self, _n: u64) {}
+    /// A blob download starts.
+    fn blob_started(&self, _digest: &str, _size: u64) {}
+}
 
 /// A connection to one registry for one repository.
 pub struct Registry {
@@ -241,7 +321,7 @@ pub struct Registry {
     credentials: Credentials,
     timeouts: Timeouts,
     tokens: TokenCache,
-    observer: Option<Observer>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 /// The options of one request.
@@ -299,14 +379,14 @@ impl Registry {
         self
     }
 
-    pub fn with_observer(mut self, observer: Option<Observer>) -> Self {
+    pub fn with_observer(mut self, observer: Option<Arc<dyn Observer>>) -> Self {
         self.observer = observer;
         self
     }
 
     fn observe(&self, kind: &'static str, status: u16) {
         if let Some(o) = &self.observer {
-            o(&self.host, kind, status);
+            o.response(&self.host, kind, status);
         }
     }
 
@@ -658,6 +738,9 @@ impl Registry {
     /// an expired storage redirect is renewed), so nothing is fetched twice. The consumer hashes
     /// what it receives; a receiver that hangs up ends the download quietly.
     pub async fn stream_blob(&self, desc: &Descriptor, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+        if let Some(o) = &self.observer {
+            o.blob_started(&desc.digest, desc.size);
+        }
         if let Err(e) = self.stream_blob_inner(desc, &tx).await {
             let _ = tx.send(Err(std::io::Error::other(e))).await;
         }
@@ -771,6 +854,9 @@ impl Registry {
                 continue;
             }
             offset += chunk.len() as u64;
+            if let Some(o) = &self.observer {
+                o.bytes(chunk.len() as u64);
+            }
             if tx.send(Ok(chunk)).await.is_err() {
                 return Ok(AttemptEnd::ConsumerGone);
             }
@@ -931,6 +1017,42 @@ mod tests {
             Some(Challenge::Basic)
         ));
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn docker_config_entries_are_found_by_host() {
+        let cfg = r#"{"auths": {
+            "https://ghcr.io": {"auth": "cm9ib3Q6czNjcjN0"},
+            "127.0.0.1:5000": {"username": "u", "password": "p"},
+            "https://index.docker.io/v1/": {"auth": "ZDpo"},
+            "odd.example": {"identitytoken": "x"}
+        }}"#;
+        let basic = |c: Credentials| match c {
+            Credentials::Basic { username, password } => (username, password),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            basic(docker_auth(cfg, "ghcr.io").unwrap()),
+            ("robot".into(), "s3cr3t".into())
+        );
+        assert_eq!(
+            basic(docker_auth(cfg, "127.0.0.1:5000").unwrap()),
+            ("u".into(), "p".into())
+        );
+        assert_eq!(
+            basic(docker_auth(cfg, "index.docker.io").unwrap()),
+            ("d".into(), "h".into())
+        );
+        assert!(matches!(
+            docker_auth(cfg, "quay.io").unwrap(),
+            Credentials::Anonymous
+        ));
+        assert!(docker_auth(cfg, "odd.example")
+            .unwrap_err()
+            .contains("identity token"));
+        let e =
+            docker_auth(r#"{"auths": {"x": {"auth": "hunter2 is my password"#, "x").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

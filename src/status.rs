@@ -65,6 +65,14 @@ pub struct TargetStatus {
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
     pub next_check: Option<String>,
+    /// The digest a rollback pinned this target to.
+    pub pinned: Option<String>,
+    /// Served files or links restored after something else changed them.
+    pub self_repairs: u64,
+    /// What startup recovery found, when it had to act.
+    pub recovery: Option<String>,
+    pub hook_failures: u64,
+    pub last_hook_error: Option<String>,
 }
 
 /// The `/status` document.
@@ -72,6 +80,8 @@ pub struct TargetStatus {
 pub struct Report {
     pub version: String,
     pub ready: bool,
+    /// Why the last config reload was rejected (the previous config keeps running).
+    pub config_error: Option<String>,
     pub targets: Vec<TargetStatus>,
 }
 
@@ -79,6 +89,28 @@ pub struct Report {
 #[derive(Clone, Default)]
 pub struct Board {
     inner: Arc<Mutex<Vec<TargetStatus>>>,
+    config_error: Arc<Mutex<Option<String>>>,
+}
+
+fn fresh(t: &Target) -> TargetStatus {
+    TargetStatus {
+        name: t.name.clone(),
+        reference: t.reference.clone(),
+        platform: t.platform.to_string(),
+        dest: t.dest.display().to_string(),
+        state: State::Pending,
+        published: crate::sync::published(t).as_ref().map(Published::from),
+        last_check: None,
+        last_success: None,
+        last_error: None,
+        consecutive_failures: 0,
+        next_check: None,
+        pinned: None,
+        self_repairs: 0,
+        recovery: None,
+        hook_failures: 0,
+        last_hook_error: None,
+    }
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -88,25 +120,108 @@ pub fn rfc3339(t: SystemTime) -> String {
 impl Board {
     /// A board for `targets`, seeded with what is already published on disk.
     pub fn new(targets: &[Target]) -> Board {
-        let list = targets
-            .iter()
-            .map(|t| TargetStatus {
-                name: t.name.clone(),
-                reference: t.reference.clone(),
-                platform: t.platform.to_string(),
-                dest: t.dest.display().to_string(),
-                state: State::Pending,
-                published: crate::sync::published(t).as_ref().map(Published::from),
-                last_check: None,
-                last_success: None,
-                last_error: None,
-                consecutive_failures: 0,
-                next_check: None,
-            })
-            .collect();
         Board {
-            inner: Arc::new(Mutex::new(list)),
+            inner: Arc::new(Mutex::new(targets.iter().map(fresh).collect())),
+            config_error: Arc::default(),
         }
+    }
+
+    /// Follows a reloaded config: keeps the state of targets that stay, adds and drops others.
+    pub fn reconcile(&self, targets: &[Target]) {
+        let mut list = self.lock();
+        let old = std::mem::take(&mut *list);
+        for t in targets {
+            let entry = match old.iter().find(|o| o.name == t.name) {
+                Some(o) => TargetStatus {
+                    reference: t.reference.clone(),
+                    platform: t.platform.to_string(),
+                    dest: t.dest.display().to_string(),
+                    ..o.clone()
+                },
+                None => fresh(t),
+            };
+            list.push(entry);
+        }
+    }
+
+    pub fn set_config_error(&self, error: Option<String>) {
+        *self.config_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    pub fn is_syncing(&self, name: &str) -> bool {
+        self.lock()
+            .iter()
+            .any(|t| t.name == name && t.state == State::Syncing)
+    }
+
+    pub fn set_pinned(&self, name: &str, digest: Option<String>) {
+        self.update(name, |t| t.pinned = digest);
+    }
+
+    pub fn set_published(&self, name: &str, manifest: &VersionManifest) {
+        self.update(name, |t| t.published = Some(Published::from(manifest)));
+    }
+
+    pub fn recovered(&self, name: &str, note: String) {
+        self.update(name, |t| t.recovery = Some(note));
+    }
+
+    pub fn self_repaired(&self, name: &str) {
+        self.update(name, |t| t.self_repairs += 1);
+    }
+
+    pub fn hook_result(&self, name: &str, result: &Result<(), String>) {
+        self.update(name, |t| match result {
+            Ok(()) => t.last_hook_error = None,
+            Err(e) => {
+                t.hook_failures += 1;
+                t.last_hook_error = Some(e.clone());
+            }
+        });
+    }
+
+    /// A one-line summary for systemd's STATUS=.
+    pub fn summary(&self) -> String {
+        let list = self.lock();
+        let syncing: Vec<&str> = list
+            .iter()
+            .filter(|t| t.state == State::Syncing)
+            .map(|t| t.name.as_str())
+            .collect();
+        let mut parts = vec![if syncing.is_empty() {
+            "idle".to_string()
+        } else {
+            format!("syncing {}", syncing.join(", "))
+        }];
+        for t in list.iter() {
+            let what = match (&t.published, t.state) {
+                (_, State::Failed) => {
+                    format!("{} failing ({} in a row)", t.name, t.consecutive_failures)
+                }
+                (Some(p), _) => {
+                    let hex = p.digest.strip_prefix("sha256:").unwrap_or(&p.digest);
+                    let age = humantime::parse_rfc3339(&p.published_at)
+                        .ok()
+                        .and_then(|at| SystemTime::now().duration_since(at).ok())
+                        .map(|d| {
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                d.as_secs() / 60 * 60,
+                            ))
+                            .to_string()
+                        })
+                        .unwrap_or_default();
+                    format!(
+                        "{} sha256:{}... published {} ago",
+                        t.name,
+                        &hex[..hex.len().min(12)],
+                        if age.is_empty() { "0m".into() } else { age }
+                    )
+                }
+                (None, _) => format!("{} nothing published yet", t.name),
+            };
+            parts.push(what);
+        }
+        parts.join("; ")
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<TargetStatus>> {
@@ -167,6 +282,11 @@ impl Board {
         Report {
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready: targets.iter().all(|t| t.published.is_some()),
+            config_error: self
+                .config_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             targets,
         }
     }

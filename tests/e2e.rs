@@ -838,6 +838,7 @@ fn moved_tag_publishes_new_version_and_retain_prunes_oldest() {
     let dest = work.dest("talos");
     let cfg = Config::new()
         .retain(2)
+        .grace("0s")
         .registry(&reg.host())
         .target(demo_target("talos-arm64", &reference, &dest, "arm64"));
     let config = work.config(&cfg);

@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawFile, RawRegistry, RawTarget};
-use super::{FileSpec, Platform, RegistrySettings, Settings, Target, Timeouts};
+use super::raw::{RawConfig, RawFile, RawProfile, RawRegistry, RawTarget};
+use super::{
+    Backoff, FileSpec, Hook, Kind, Limits, Modes, Platform, Profile, RegistrySettings, Secret,
+    Settings, Target, Timeouts,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,6 +30,7 @@ pub enum ConfigError {
 }
 
 const DEFAULT_ASSETS_ROOT: &str = "/var/lib/matchbox/assets";
+const DEFAULT_STATE_DIR: &str = "/var/lib/bootsync";
 
 /// Names reserved by the on-disk layout of a destination.
 const RESERVED_NAMES: &[&str] = &["current", "versions"];
@@ -64,7 +68,11 @@ impl Ctx<'_> {
     }
 }
 
-pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigError> {
+pub(super) fn validate(
+    path: &Path,
+    raw: RawConfig,
+    sources: Vec<PathBuf>,
+) -> Result<Settings, ConfigError> {
     let cx = Ctx { path };
 
     let interval = cx.duration("interval", raw.interval.as_deref(), "5m")?;
@@ -95,6 +103,79 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigEr
             )
         })?;
         assets_root = cwd.join(assets_root);
+    }
+    let state_dir = PathBuf::from(raw.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    if !state_dir.is_absolute() {
+        return Err(cx.err("state_dir", "must be an absolute path"));
+    }
+    let grace = match raw.grace.as_deref() {
+        Some("0") | Some("0s") => Duration::ZERO,
+        other => cx.duration("grace", other, "30m")?,
+    };
+    let max_concurrent_syncs = match raw.max_concurrent_syncs {
+        None => 2,
+        Some(n) if (1..=64).contains(&n) => n as usize,
+        Some(n) => {
+            return Err(cx.err(
+                "max_concurrent_syncs",
+                format!("{n} is out of range 1..=64"),
+            ))
+        }
+    };
+    let backoff = Backoff {
+        start: cx.duration("backoff_start", raw.backoff_start.as_deref(), "10s")?,
+        max: cx.duration("backoff_max", raw.backoff_max.as_deref(), "15m")?,
+    };
+    if backoff.max < backoff.start {
+        return Err(cx.err("backoff_max", "must not be shorter than backoff_start"));
+    }
+    let defaults = Limits::default();
+    let limits = Limits {
+        max_file: size(
+            &cx,
+            "max_file_size",
+            raw.max_file_size.as_deref(),
+            defaults.max_file,
+        )?,
+        max_download: size(
+            &cx,
+            "max_download_size",
+            raw.max_download_size.as_deref(),
+            defaults.max_download,
+        )?,
+        max_ratio: match raw.max_compression_ratio {
+            None => defaults.max_ratio,
+            Some(n) if n >= 2 => n as u64,
+            Some(n) => {
+                return Err(cx.err("max_compression_ratio", format!("{n} must be at least 2")))
+            }
+        },
+    };
+    let verify_interval = cx.duration("verify_interval", raw.verify_interval.as_deref(), "6h")?;
+    let api_token = match &raw.token_file {
+        Some(file) => Some(read_secret(&cx, "token_file", Path::new(file))?),
+        None if !listen.ip().is_loopback() => {
+            return Err(cx.err(
+                "token_file",
+                format!("listen {listen} is not a loopback address: set token_file so that POSTs need a bearer token"),
+            ))
+        }
+        None => None,
+    };
+    let modes = Modes {
+        file: mode(&cx, "file_mode", raw.file_mode.as_deref(), 0o644)?,
+        dir: mode(&cx, "dir_mode", raw.dir_mode.as_deref(), 0o755)?,
+        gid: match raw.group.as_deref() {
+            None => None,
+            Some(g) => Some(
+                resolve_group(g)
+                    .ok_or_else(|| cx.err("group", format!("no group {g:?} in /etc/group")))?,
+            ),
+        },
+    };
+    if let Some(level) = &raw.log_level {
+        tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| cx.err("log_level", format!("{level:?}: {e}")))?;
     }
 
     let mut registries = Vec::new();
@@ -143,9 +224,20 @@ pub(super) fn validate(path: &Path, raw: RawConfig) -> Result<Settings, ConfigEr
         interval,
         listen,
         retain,
+        grace,
+        state_dir,
         timeouts,
+        max_concurrent_syncs,
+        backoff,
+        verify_interval,
+        api_token,
+        modes,
+        log_level: raw.log_level,
+        docker_config: raw.docker_config.map(PathBuf::from),
+        limits,
         registries,
         targets,
+        sources,
     })
 }
 
@@ -240,14 +332,35 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         ));
     }
     let mut names = HashSet::new();
-    for f in &files {
-        if !names.insert(f.name.as_str()) {
-            return Err(cx.err(
-                key("files"),
-                format!("two files are published as {:?}", f.name),
-            ));
+    for f in files.iter().flat_map(FileSpec::outputs) {
+        if !names.insert(f.clone()) {
+            return Err(cx.err(key("files"), format!("two files are published as {f:?}")));
         }
     }
+
+    let hook = match t.hook {
+        None => None,
+        Some(argv) if argv.is_empty() || argv[0].is_empty() => {
+            return Err(cx.err(
+                key("hook"),
+                "needs a command: [\"/path/to/cmd\", \"arg\", ...]",
+            ))
+        }
+        Some(argv) => Some(Hook {
+            argv,
+            timeout: cx.duration(&key("hook_timeout"), t.hook_timeout.as_deref(), "60s")?,
+        }),
+    };
+    let profile = match t.profile {
+        None => None,
+        Some(p) => Some(profile(
+            cx,
+            &key("profile"),
+            p,
+            (&name, &files, t.preset.as_deref(), &platform),
+            (&dest, assets_root),
+        )?),
+    };
 
     Ok(Target {
         name,
@@ -255,6 +368,8 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         platform,
         dest,
         files,
+        hook,
+        profile,
     })
 }
 
@@ -289,19 +404,49 @@ fn file_spec(cx: &Ctx, key: &str, f: RawFile) -> Result<FileSpec, ConfigError> {
             format!("{name:?} must be one path component, not starting with '.', and not {RESERVED_NAMES:?}"),
         ));
     }
+    let kind = match f.kind {
+        Some(k) => k
+            .parse::<Kind>()
+            .map_err(|e| cx.err(format!("{key}.kind"), e.to_string()))?,
+        None if is_dir => Kind::Raw,
+        None => infer_kind(&normalised, &name),
+    };
+    if is_dir && kind != Kind::Raw {
+        return Err(cx.err(
+            format!("{key}.kind"),
+            "a source_dir is copied as is: only kind = \"raw\"",
+        ));
+    }
     Ok(FileSpec {
         source: normalised,
         is_dir,
         name,
+        kind,
     })
+}
+
+/// Without `kind`, a file named like a kernel or an initramfs gets that check; anything else
+/// is published as is. A UKI is never guessed: splitting it changes what is published.
+fn infer_kind(source: &str, name: &str) -> Kind {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_ascii_lowercase();
+    let (s, n) = (base(source), base(name));
+    let any = |words: &[&str]| words.iter().any(|w| s.starts_with(w) || n.starts_with(w));
+    if any(&["vmlinuz", "kernel", "bzimage"]) && !s.ends_with(".efi") {
+        Kind::Kernel
+    } else if any(&["initramfs", "initrd"]) {
+        Kind::Initramfs
+    } else {
+        Kind::Raw
+    }
 }
 
 /// The file sets of the common image layouts (see README, "Presets").
 fn preset(name: &str, arch: &str) -> Option<Vec<FileSpec>> {
-    let file = |source: String, name: String| FileSpec {
+    let file = |source: String, name: String, kind: Kind| FileSpec {
         source,
         is_dir: false,
         name,
+        kind,
     };
     let (dir, kernel, initrd) = match name {
         "talos-installer" | "talos-imager" => (
@@ -322,9 +467,149 @@ fn preset(name: &str, arch: &str) -> Option<Vec<FileSpec>> {
         _ => return None,
     };
     Some(vec![
-        file(format!("{dir}/vmlinuz"), kernel),
-        file(format!("{dir}/initramfs.xz"), initrd),
+        file(format!("{dir}/vmlinuz"), kernel, Kind::Kernel),
+        file(format!("{dir}/initramfs.xz"), initrd, Kind::Initramfs),
     ])
+}
+
+type TargetParts<'a> = (&'a str, &'a [FileSpec], Option<&'a str>, &'a Platform);
+
+fn profile(
+    cx: &Ctx,
+    key: &str,
+    p: RawProfile,
+    (target_name, files, preset, platform): TargetParts,
+    (dest, assets_root): (&Path, &Path),
+) -> Result<Profile, ConfigError> {
+    let k = |sub: &str| format!("{key}.{sub}");
+    let path = PathBuf::from(p.path.ok_or_else(|| cx.err(k("path"), "missing"))?);
+    if !path.is_absolute() || path.extension().is_none_or(|e| e != "json") {
+        return Err(cx.err(k("path"), "must be an absolute path to a .json profile"));
+    }
+    let url_prefix = match p.url_prefix {
+        Some(u) if u.starts_with('/') => u.trim_end_matches('/').to_string(),
+        Some(u) => return Err(cx.err(k("url_prefix"), format!("{u:?} must start with '/'"))),
+        // matchbox serves its assets directory at /assets/.
+        None => match dest.strip_prefix(assets_root) {
+            Ok(rel) => format!("/assets/{}", rel.display()),
+            Err(_) => {
+                return Err(cx.err(
+                    k("url_prefix"),
+                    "dest is outside assets_root: say under which URL matchbox serves it",
+                ))
+            }
+        },
+    };
+    // Presets know which file is which; otherwise the config must say.
+    let preset_files = preset.and_then(|pr| self::preset(pr, &platform.architecture));
+    let kernel = match (p.kernel, &preset_files) {
+        (Some(k), _) => k,
+        (None, Some(pf)) => pf[0].name.clone(),
+        (None, None) => return Err(cx.err(k("kernel"), "missing: name the published kernel file")),
+    };
+    let initrd = match (p.initrd, &preset_files) {
+        (Some(i), _) => i,
+        (None, Some(pf)) => vec![pf[1].name.clone()],
+        (None, None) => {
+            return Err(cx.err(k("initrd"), "missing: name the published initramfs file(s)"))
+        }
+    };
+    for n in std::iter::once(&kernel).chain(&initrd) {
+        if !files.iter().any(|f| !f.is_dir && f.outputs().contains(n)) {
+            return Err(cx.err(
+                k("kernel"),
+                format!("{n:?} is not one of this target's published files"),
+            ));
+        }
+    }
+    let default_id = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Profile {
+        path,
+        url_prefix,
+        kernel,
+        initrd,
+        template_id: p.id.unwrap_or(default_id),
+        template_name: p.name.unwrap_or_else(|| target_name.to_string()),
+        template_args: p.args.unwrap_or_default(),
+    })
+}
+
+/// A byte size: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB; case-insensitive).
+fn size(cx: &Ctx, key: &str, text: Option<&str>, default: u64) -> Result<u64, ConfigError> {
+    let Some(text) = text else { return Ok(default) };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(cx.err(
+                key,
+                format!("{text:?}: unknown unit (use B, KB, MB, GB, KiB, MiB or GiB)"),
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            cx.err(
+                key,
+                format!("{text:?} is not a positive size like \"2GiB\""),
+            )
+        })
+}
+
+fn read_secret(cx: &Ctx, key: &str, file: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| cx.err(key, format!("{}: {e}", file.display())))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(cx.err(key, format!("{} is empty", file.display())));
+    }
+    Ok(Secret(token.to_string()))
+}
+
+fn mode(cx: &Ctx, key: &str, text: Option<&str>, default: u32) -> Result<u32, ConfigError> {
+    let Some(text) = text else { return Ok(default) };
+    let m = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .map_err(|_| cx.err(key, format!("{text:?} is not an octal mode like \"0644\"")))?;
+    if m > 0o777 {
+        return Err(cx.err(
+            key,
+            format!("{text:?}: only permission bits (at most 0777)"),
+        ));
+    }
+    if m & 0o400 == 0 || m & 0o044 == 0 {
+        return Err(cx.err(
+            key,
+            format!("{text:?} would hide published files from the owner or from matchbox"),
+        ));
+    }
+    Ok(m)
+}
+
+/// A group name (looked up in /etc/group) or a numeric gid.
+fn resolve_group(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse() {
+        return Some(gid);
+    }
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        fields.nth(1)?.parse().ok()
+    })
 }
 
 /// `os/arch[/variant]`.
@@ -424,12 +709,14 @@ preset = "demo"
                 FileSpec {
                     source: "assets/talos/arm64/vmlinuz".into(),
                     is_dir: false,
-                    name: "vmlinuz-arm64".into()
+                    name: "vmlinuz-arm64".into(),
+                    kind: Kind::Kernel,
                 },
                 FileSpec {
                     source: "assets/talos/arm64/initramfs.xz".into(),
                     is_dir: false,
-                    name: "initramfs-arm64.xz".into()
+                    name: "initramfs-arm64.xz".into(),
+                    kind: Kind::Initramfs,
                 },
             ]
         );
@@ -548,6 +835,134 @@ preset = "demo"
         assert!(err(&format!("{reg}{MINIMAL}")).contains("password_file"));
         assert!(err("interval = \"5m\"\n").contains("at least one [[target]]"));
         assert!(err("interval = [").contains("invalid TOML"));
+    }
+
+    #[test]
+    fn kinds_are_set_by_presets_inferred_or_explicit() {
+        let base = "[[target]]\nname = \"t\"\nreference = \"r.example/a:b\"\ndest = \"/srv/a\"\n";
+        let s = parse(&format!(
+            "{base}[[target.files]]\nsource = \"a/vmlinuz\"\n[[target.files]]\nsource = \"a/initramfs.xz\"\n\
+             [[target.files]]\nsource = \"a/boot.cfg\"\n[[target.files]]\nsource = \"a/x\"\nname = \"k\"\nkind = \"kernel\"\n"
+        ))
+        .unwrap();
+        let kinds: Vec<Kind> = s.targets[0].files.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Kernel, Kind::Initramfs, Kind::Raw, Kind::Kernel]
+        );
+
+        let s = parse(&format!("{base}[[target.files]]\nsource = \"usr/install/arm64/vmlinuz.efi\"\nname = \"talos\"\nkind = \"uki\"\n")).unwrap();
+        assert_eq!(
+            s.targets[0].files[0].outputs(),
+            ["talos.vmlinuz", "talos.initramfs", "talos.cmdline"]
+        );
+        // a UKI named like a kernel is not guessed to be a plain kernel
+        let s = parse(&format!(
+            "{base}[[target.files]]\nsource = \"usr/install/arm64/vmlinuz.efi\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.targets[0].files[0].kind, Kind::Raw);
+
+        assert!(err(&format!(
+            "{base}[[target.files]]\nsource = \"a\"\nkind = \"elf\"\n"
+        ))
+        .contains("unknown kind"));
+        assert!(err(&format!(
+            "{base}[[target.files]]\nsource_dir = \"a\"\nkind = \"kernel\"\n"
+        ))
+        .contains("only kind"));
+    }
+
+    #[test]
+    fn profiles_default_from_presets_and_dest() {
+        let s = parse(&format!("{MINIMAL}[target.profile]\npath = \"/var/lib/matchbox/profiles/talos.json\"\nargs = [\"talos.platform=metal\"]\n")).unwrap();
+        let p = s.targets[0].profile.as_ref().unwrap();
+        assert_eq!(p.url_prefix, "/assets/talos");
+        assert_eq!(p.kernel, "vmlinuz-arm64");
+        assert_eq!(p.initrd, ["initramfs-arm64.xz"]);
+        assert_eq!(p.template_id, "talos");
+        let e = err(&format!(
+            "{MINIMAL}[target.profile]\npath = \"/p/x.json\"\nkernel = \"nope\"\n"
+        ));
+        assert!(
+            e.contains("not one of this target's published files"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn api_token_is_required_off_loopback() {
+        let e = err(&format!("listen = \"0.0.0.0:9090\"\n{MINIMAL}"));
+        assert!(e.contains("token_file"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let s = parse(&format!(
+            "listen = \"0.0.0.0:9090\"\ntoken_file = {:?}\n{MINIMAL}",
+            token
+        ))
+        .unwrap();
+        assert_eq!(s.api_token.unwrap().0, "s3cret");
+        std::fs::write(&token, "").unwrap();
+        assert!(err(&format!("token_file = {:?}\n{MINIMAL}", token)).contains("empty"));
+    }
+
+    #[test]
+    fn modes_and_groups_are_checked() {
+        let s = parse(&format!(
+            "file_mode = \"0640\"\ndir_mode = \"0750\"\ngroup = \"0\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            s.modes,
+            Modes {
+                file: 0o640,
+                dir: 0o750,
+                gid: Some(0)
+            }
+        );
+        assert!(err(&format!("file_mode = \"0600\"\n{MINIMAL}")).contains("hide"));
+        assert!(err(&format!("file_mode = \"rw\"\n{MINIMAL}")).contains("octal"));
+        assert!(err(&format!("group = \"no-such-group-here\"\n{MINIMAL}")).contains("no group"));
+    }
+
+    #[test]
+    fn drop_ins_are_merged_in_name_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("bootsync.toml");
+        std::fs::write(&main, format!("interval = \"5m\"\n{MINIMAL}")).unwrap();
+        std::fs::create_dir(dir.path().join("config.d")).unwrap();
+        std::fs::write(
+            dir.path().join("config.d/20-late.toml"),
+            "interval = \"3m\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("config.d/10-early.toml"),
+            "interval = \"1m\"\nretain = 7\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("config.d/ignored.txt"), "garbage").unwrap();
+        let s = Settings::load(&main).unwrap();
+        assert_eq!(s.interval, Duration::from_secs(180));
+        assert_eq!(s.retain, 7);
+        assert_eq!(s.sources.len(), 3);
+        std::fs::write(dir.path().join("config.d/30-bad.toml"), "retian = 1\n").unwrap();
+        let e = Settings::load(&main).unwrap_err().to_string();
+        assert!(e.contains("30-bad.toml") && e.contains("retian"), "{e}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        let s = parse(&format!(
+            "max_file_size = \"512MiB\"\nmax_download_size = \"3GB\"\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(s.limits.max_file, 512 << 20);
+        assert_eq!(s.limits.max_download, 3_000_000_000);
+        assert!(err(&format!("max_file_size = \"12 parsecs\"\n{MINIMAL}")).contains("unknown unit"));
+        assert!(err(&format!("max_file_size = \"0\"\n{MINIMAL}")).contains("positive"));
+        assert!(err(&format!("max_compression_ratio = 1\n{MINIMAL}")).contains("at least 2"));
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Config {
     pub interval: Option<String>,
     pub listen: String,
     pub retain: Option<u32>,
+    /// Retention grace period (bootsync's default is 30m).
+    pub grace: Option<String>,
     pub connect_timeout: Option<String>,
     pub request_timeout: Option<String>,
     pub stall_timeout: Option<String>,
@@ -99,6 +101,7 @@ impl Config {
             interval: None,
             listen: format!("127.0.0.1:{}", free_port()),
             retain: None,
+            grace: None,
             connect_timeout: Some("3s".into()),
             request_timeout: Some("20s".into()),
             stall_timeout: Some("20s".into()),
@@ -113,6 +116,10 @@ impl Config {
     }
     pub fn retain(mut self, n: u32) -> Self {
         self.retain = Some(n);
+        self
+    }
+    pub fn grace(mut self, g: &str) -> Self {
+        self.grace = Some(g.into());
         self
     }
     /// An insecure (plain HTTP) registry.
@@ -138,6 +145,9 @@ impl Config {
         s += &format!("listen = {}\n", q(&self.listen));
         if let Some(r) = self.retain {
             s += &format!("retain = {r}\n");
+        }
+        if let Some(g) = &self.grace {
+            s += &format!("grace = {}\n", q(g));
         }
         if let Some(t) = &self.connect_timeout {
             s += &format!("connect_timeout = {}\n", q(t));
@@ -273,8 +283,14 @@ impl Work {
         fs::write(&p, text).unwrap();
         p
     }
+    /// Writes the config, with this work dir's own `state_dir` (pins) unless one is set.
     pub fn config(&self, cfg: &Config) -> PathBuf {
-        self.write_config("bootsync.toml", &cfg.render())
+        let mut text = cfg.render();
+        if !text.contains("state_dir") {
+            let state = self.path().join("state");
+            text = format!("state_dir = {}\n{text}", q(state.to_str().unwrap()));
+        }
+        self.write_config("bootsync.toml", &text)
     }
 
     /// Runs `bootsync --config FILE ARGS...` to completion (120 s cap).

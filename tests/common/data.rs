@@ -45,28 +45,46 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A file shaped like a kernel for `arch`, about `len` bytes:
-/// arm64: an EFI zboot header (`MZ`, `zimg`, payload offset/size, `zstd`) over a real zstd payload;
-/// amd64: a bzImage-ish blob (`MZ` at 0, `HdrS` at 0x202).
+/// A kernel for `arch` that passes bootsync's format checks, about `len` bytes:
+/// arm64: an EFI zboot image (`MZ`, `zimg`, payload offset/size, `zstd`) whose zstd payload is an
+/// arm64 `Image` (`ARMd` at 0x38); amd64: a bzImage (boot protocol 2.15, `HdrS` at 0x202).
 pub fn fake_kernel(arch: &str, seed: u64, len: usize) -> Vec<u8> {
-    assert!(len >= 4096, "fake kernel too small");
+    assert!(len >= 8192, "fake kernel too small");
     match arch {
         "arm64" => {
-            let header_len = 64usize;
-            let payload = zstd::encode_all(&bytes(seed, len - header_len - 64)[..], 1).unwrap();
-            let mut out = vec![0u8; header_len];
+            let mut image = bytes(seed, len);
+            image[..64].fill(0);
+            let image_size = (len as u64).next_multiple_of(0x10000) + 0x10000;
+            image[16..24].copy_from_slice(&image_size.to_le_bytes());
+            image[24..32].copy_from_slice(&0xAu64.to_le_bytes());
+            image[0x38..0x3C].copy_from_slice(b"ARMd");
+            let payload = zstd::encode_all(&image[..], 1).unwrap();
+            let mut out = vec![0u8; 0x1000];
             out[0..2].copy_from_slice(b"MZ");
             out[4..8].copy_from_slice(b"zimg");
-            out[8..12].copy_from_slice(&(header_len as u32).to_le_bytes());
+            out[8..12].copy_from_slice(&0x1000u32.to_le_bytes());
             out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
             out[24..28].copy_from_slice(b"zstd");
             out.extend_from_slice(&payload);
+            // zboot's zstd22_with_size appends the decoded size after the frame.
+            out.extend_from_slice(&(image.len() as u32).to_le_bytes());
+            out.resize(out.len() + 0x200, 0);
             out
         }
         _ => {
-            let mut out = bytes(seed, len);
+            let setup = 5 * 512; // setup_sects = 4
+            let syssize = (len - setup).div_ceil(16);
+            let mut out = vec![0u8; setup];
             out[0..2].copy_from_slice(b"MZ");
+            out[0x1F1] = 4;
+            out[0x1F4..0x1F8].copy_from_slice(&(syssize as u32).to_le_bytes());
+            out[0x1FE..0x200].copy_from_slice(&0xAA55u16.to_le_bytes());
             out[0x202..0x206].copy_from_slice(b"HdrS");
+            out[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+            out[0x211] = 0x01; // LOADED_HIGH
+            out[0x248..0x24C].copy_from_slice(&0x100u32.to_le_bytes());
+            out[0x24C..0x250].copy_from_slice(&((syssize * 16 - 0x200) as u32).to_le_bytes());
+            out.extend(bytes(seed, syssize * 16));
             out
         }
     }

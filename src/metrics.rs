@@ -1,0 +1,258 @@
+//! Prometheus metrics, served at `/metrics` in the text format.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::registry::Observer;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    pub target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub target: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishedLabels {
+    pub target: String,
+    pub digest: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub host: String,
+    pub kind: String,
+    /// HTTP status, or "error" when no response came.
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    syncs: Family<ResultLabels, Counter>,
+    duration: Family<TargetLabels, Histogram>,
+    bytes: Family<TargetLabels, Counter>,
+    last_success: Family<TargetLabels, Gauge<f64, AtomicU64>>,
+    failures: Family<TargetLabels, Gauge>,
+    published: Family<PublishedLabels, Gauge>,
+    repairs: Family<TargetLabels, Counter>,
+    hook_failures: Family<TargetLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+}
+
+fn target(name: &str) -> TargetLabels {
+    TargetLabels {
+        target: name.to_string(),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("bootsync");
+        let syncs = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "syncs",
+            "Syncs by target and result (published, reactivated, up_to_date, pinned, failed)",
+            syncs.clone(),
+        );
+        let duration = Family::<TargetLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 15))
+        });
+        registry.register(
+            "sync_duration_seconds",
+            "Duration of syncs",
+            duration.clone(),
+        );
+        let bytes = Family::<TargetLabels, Counter>::default();
+        registry.register("downloaded_bytes", "Blob bytes downloaded", bytes.clone());
+        let last_success = Family::<TargetLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "last_success_timestamp_seconds",
+            "When the target last synced successfully (Unix time)",
+            last_success.clone(),
+        );
+        let failures = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "consecutive_failures",
+            "Failed syncs in a row",
+            failures.clone(),
+        );
+        let published = Family::<PublishedLabels, Gauge>::default();
+        registry.register(
+            "published_info",
+            "The digest each target currently serves (value 1)",
+            published.clone(),
+        );
+        let repairs = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "self_repairs",
+            "Served files or links restored after outside changes",
+            repairs.clone(),
+        );
+        let hook_failures = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "hook_failures",
+            "Post-publish hooks that failed or timed out",
+            hook_failures.clone(),
+        );
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "registry_requests",
+            "Registry requests by host, kind and status code",
+            requests.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            syncs,
+            duration,
+            bytes,
+            last_success,
+            failures,
+            published,
+            repairs,
+            hook_failures,
+            requests,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn sync_finished(
+        &self,
+        name: &str,
+        result: &str,
+        took: Duration,
+        consecutive_failures: u32,
+    ) {
+        self.syncs
+            .get_or_create(&ResultLabels {
+                target: name.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        self.duration
+            .get_or_create(&target(name))
+            .observe(took.as_secs_f64());
+        self.failures
+            .get_or_create(&target(name))
+            .set(consecutive_failures.into());
+        if result != "failed" {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            self.last_success
+                .get_or_create(&target(name))
+                .set(now.as_secs_f64());
+        }
+    }
+
+    /// Records the digest a target serves, replacing the previous one.
+    pub fn published(&self, name: &str, digest: &str, previous: Option<&str>) {
+        if let Some(old) = previous.filter(|p| *p != digest) {
+            self.published.remove(&PublishedLabels {
+                target: name.to_string(),
+                digest: old.to_string(),
+            });
+        }
+        self.published
+            .get_or_create(&PublishedLabels {
+                target: name.to_string(),
+                digest: digest.to_string(),
+            })
+            .set(1);
+    }
+
+    pub fn self_repaired(&self, name: &str) {
+        self.repairs.get_or_create(&target(name)).inc();
+    }
+
+    pub fn hook_failed(&self, name: &str) {
+        self.hook_failures.get_or_create(&target(name)).inc();
+    }
+
+    /// An observer that counts one target's registry requests and downloaded bytes.
+    pub fn observer(self: &Arc<Self>, name: &str) -> Arc<dyn Observer> {
+        Arc::new(TargetObserver {
+            metrics: self.clone(),
+            target: name.to_string(),
+        })
+    }
+}
+
+struct TargetObserver {
+    metrics: Arc<Metrics>,
+    target: String,
+}
+
+impl Observer for TargetObserver {
+    fn response(&self, host: &str, kind: &'static str, status: u16) {
+        let code = if status == 0 {
+            "error".to_string()
+        } else {
+            status.to_string()
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                host: host.to_string(),
+                kind: kind.to_string(),
+                code,
+            })
+            .inc();
+    }
+
+    fn bytes(&self, n: u64) {
+        self.metrics
+            .bytes
+            .get_or_create(&target(&self.target))
+            .inc_by(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_appear_in_the_text_format() {
+        let m = Metrics::new();
+        m.sync_finished("t", "published", Duration::from_millis(300), 0);
+        m.published("t", "sha256:aa", None);
+        m.published("t", "sha256:bb", Some("sha256:aa"));
+        let o = m.observer("t");
+        o.response("ghcr.io", "head", 200);
+        o.response("ghcr.io", "blob", 0);
+        o.bytes(42);
+        let text = m.encode();
+        for want in [
+            r#"bootsync_syncs_total{target="t",result="published"} 1"#,
+            r#"bootsync_published_info{target="t",digest="sha256:bb"} 1"#,
+            r#"bootsync_registry_requests_total{host="ghcr.io",kind="head",code="200"} 1"#,
+            r#"bootsync_registry_requests_total{host="ghcr.io",kind="blob",code="error"} 1"#,
+            r#"bootsync_downloaded_bytes_total{target="t"} 42"#,
+            "bootsync_sync_duration_seconds_bucket",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        assert!(
+            !text.contains("sha256:aa"),
+            "old digest still exported:\n{text}"
+        );
+    }
+}

@@ -306,6 +306,9 @@ fn unpin(settings: Settings, name: &str) -> Result<ExitCode> {
 }
 
 async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
+    // Absolute, so the watcher and reloads do not depend on the working directory.
+    let config_path =
+        &std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let cx = SyncContext::new(settings);
     let listen = cx.settings.listen;
     let listener = tokio::net::TcpListener::bind(listen)

@@ -20,7 +20,25 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
         .iter()
         .map(|f| version_dir.join(&f.name).display().to_string())
         .collect();
-    vec![
+    // Also one variable per file, e.g. BOOTSYNC_FILE_VMLINUZ_ARM64, for hooks in shell.
+    let per_file = m.files.iter().map(|f| {
+        let key: String = f
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        (
+            format!("BOOTSYNC_FILE_{key}"),
+            version_dir.join(&f.name).display().to_string(),
+        )
+    });
+    let mut env = vec![
         ("BOOTSYNC_TARGET".into(), target.name.clone()),
         ("BOOTSYNC_REFERENCE".into(), target.reference.clone()),
         ("BOOTSYNC_PLATFORM".into(), target.platform.to_string()),
@@ -32,7 +50,9 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
             version_dir.display().to_string(),
         ),
         ("BOOTSYNC_FILES".into(), files.join("\n")),
-    ]
+    ];
+    env.extend(per_file);
+    env
 }
 
 /// Runs the hook; `Err` carries a one-line description for logs and `/status`.

@@ -18,6 +18,7 @@ mod status;
 mod store;
 mod sync;
 mod systemd;
+mod testhook;
 
 fn main() -> std::process::ExitCode {
     cli::main()

@@ -476,6 +476,7 @@ fn write_file(
     if let Some(parent) = target.parent() {
         crate::store::create_dirs(parent, modes).map_err(werr)?;
     }
+    crate::testhook::pause("writing");
     // Truncates: a later entry for the same path in one layer replaces an earlier one.
     let file = fs::File::create(target).map_err(werr)?;
     let mut out = HashWriter::new(io::BufWriter::with_capacity(READ_BUFFER, file));

@@ -311,6 +311,7 @@ impl Store {
         manifest: &VersionManifest,
     ) -> Result<(), StoreError> {
         write_manifest(&staging.path, manifest, &self.modes)?;
+        crate::testhook::pause("staged");
         fsync_tree(&staging.path).map_err(at(&staging.path))?;
         let final_path = self.versions.join(manifest.hex());
         if final_path.exists() {
@@ -321,6 +322,7 @@ impl Store {
             staging.committed = true;
         }
         fsync_dir(&self.versions).map_err(at(&self.versions))?;
+        crate::testhook::pause("committed");
         Ok(())
     }
 
@@ -348,6 +350,7 @@ impl Store {
 
     fn switch(&self, m: &VersionManifest, names: &[String]) -> Result<(), StoreError> {
         replace_symlink(&self.dest, "current", &Path::new("versions").join(m.hex()))?;
+        crate::testhook::pause("switched");
         for name in names {
             let link = self.dest.join(name);
             let want = Path::new("current").join(name);
@@ -410,6 +413,7 @@ impl Store {
     /// boot script pointing at it and not yet its files). Directories without a readable
     /// manifest are removed too (they cannot be verified, so they can never serve).
     pub fn prune(&self, retain: usize, grace: Duration) -> Result<Vec<String>, StoreError> {
+        crate::testhook::pause("pruning");
         let current = self.current().map(|m| m.hex().to_string());
         let versions = self.versions()?;
         let known: Vec<&str> = versions.iter().map(|m| m.hex()).collect();

@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -341,21 +343,31 @@ impl Daemon {
         self: Arc<Self>,
         name: String,
         mut triggers: mpsc::Receiver<Trigger>,
-        mut stop: watch::Receiver<bool>,
-        mut shutdown: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) {
-        let mut next_sync = Instant::now();
-        let mut next_verify = Instant::now() + self.context().settings.verify_interval;
+        let mut schedule = Schedule::new(self.context().settings.verify_interval);
         let mut action = Some(Trigger::Sync);
         loop {
             let cx = self.context();
             let Some(target) = cx.settings.target(&name).cloned() else {
                 return;
             };
-            match action.take() {
+            match action {
                 Some(Trigger::Sync) => {
-                    let delay = self.sync_once(&cx, &target, false).await;
-                    next_sync = Instant::now() + delay;
+                    let synced = {
+                        let _permit = self.permits.acquire().await;
+                        let s = sync_and_record(&cx, &target, &self.board, false).await;
+                        self.hush(&name);
+                        s
+                    };
+                    let failures = self.board.consecutive_failures(&name);
+                    let delay = schedule.synced(
+                        synced.result.is_ok(),
+                        failures,
+                        synced.retry_after,
+                        &cx.settings,
+                    );
                     self.board.set_next(&name, SystemTime::now() + delay);
                 }
                 Some(Trigger::Repair) => {
@@ -366,45 +378,13 @@ impl Daemon {
                 None => {}
             }
             crate::systemd::status(&self.board.summary());
-            let verify_at = next_verify;
-            tokio::select! {
-                _ = tokio::time::sleep_until(next_sync.into()) => action = Some(Trigger::Sync),
-                _ = tokio::time::sleep_until(verify_at.into()) => {
-                    next_verify = Instant::now() + cx.settings.verify_interval;
-                    action = Some(Trigger::Repair);
-                }
-                t = triggers.recv() => match t {
-                    Some(t) => action = Some(t),
-                    None => return,
-                },
-                _ = stop.wait_for(|s| *s) => return,
-                _ = shutdown.wait_for(|s| *s) => return,
-            }
-        }
-    }
-
-    /// One scheduled or requested sync; returns the delay until the next.
-    async fn sync_once(&self, cx: &Context, target: &Target, verify: bool) -> Duration {
-        let synced = {
-            let _permit = self.permits.acquire().await;
-            let s = sync_and_record(cx, target, &self.board, verify).await;
-            self.hush(&target.name);
-            s
-        };
-        let settings = &cx.settings;
-        match synced.result {
-            Ok(_) => jitter(settings.interval),
-            Err(_) => {
-                let failures = self.board.consecutive_failures(&target.name);
-                let delay = backoff(
-                    failures,
-                    settings.backoff.start,
-                    settings.backoff.max,
-                    settings.interval,
-                );
-                // A registry that said when to come back is believed (429/503 Retry-After).
-                delay.max(synced.retry_after.unwrap_or_default())
-            }
+            action = match schedule
+                .next(&mut triggers, &stop, &shutdown, cx.settings.verify_interval)
+                .await
+            {
+                Some(a) => Some(a),
+                None => return,
+            };
         }
     }
 
@@ -436,6 +416,67 @@ impl Daemon {
             Err(e) => tracing::warn!(target = %target.name, "repair check failed: {e}"),
         }
         self.hush(&target.name);
+    }
+}
+
+/// When a target loop acts next: its sync timer, its slow verify timer, or a trigger.
+pub struct Schedule {
+    next_sync: Instant,
+    next_verify: Instant,
+}
+
+impl Schedule {
+    pub fn new(verify_interval: Duration) -> Schedule {
+        let now = Instant::now();
+        Schedule {
+            next_sync: now,
+            next_verify: now + verify_interval,
+        }
+    }
+
+    /// Plans the next sync after one finished: the interval (jittered) after a success; after a
+    /// failure the backoff, or longer when the registry said when to come back (Retry-After).
+    pub fn synced(
+        &mut self,
+        ok: bool,
+        failures: u32,
+        retry_after: Option<Duration>,
+        settings: &Settings,
+    ) -> Duration {
+        let delay = if ok {
+            jitter(settings.interval)
+        } else {
+            backoff(
+                failures,
+                settings.backoff.start,
+                settings.backoff.max,
+                settings.interval,
+            )
+            .max(retry_after.unwrap_or_default())
+        };
+        self.next_sync = Instant::now() + delay;
+        delay
+    }
+
+    /// Waits for the next thing to do; `None` when the loop should end.
+    pub async fn next(
+        &mut self,
+        triggers: &mut mpsc::Receiver<Trigger>,
+        stop: &watch::Receiver<bool>,
+        shutdown: &watch::Receiver<bool>,
+        verify_interval: Duration,
+    ) -> Option<Trigger> {
+        let (mut stop, mut shutdown) = (stop.clone(), shutdown.clone());
+        tokio::select! {
+            _ = tokio::time::sleep_until(self.next_sync) => Some(Trigger::Sync),
+            _ = tokio::time::sleep_until(self.next_verify) => {
+                self.next_verify = Instant::now() + verify_interval;
+                Some(Trigger::Repair)
+            }
+            t = triggers.recv() => t,
+            _ = stop.wait_for(|s| *s) => None,
+            _ = shutdown.wait_for(|s| *s) => None,
+        }
     }
 }
 
@@ -579,6 +620,91 @@ mod tests {
         struct Outer(#[source] std::io::Error);
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(error_chain(&e), "outer: inner");
+    }
+
+    fn settings() -> Settings {
+        let text = "interval = \"5m\"\n[[target]]\nname = \"t\"\nreference = \"r.example/a:b\"\ndest = \"/srv/t\"\npreset = \"demo\"\n";
+        Settings::parse(Path::new("test.toml"), text).unwrap()
+    }
+
+    /// Drives the real waiting code with tokio's clock paused: backoff doubles after each
+    /// failure, a Retry-After longer than the backoff wins, success waits the interval, and a
+    /// trigger cuts a wait short.
+    #[tokio::test(start_paused = true)]
+    async fn schedule_backs_off_honours_retry_after_and_triggers() {
+        let settings = settings();
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (_down_tx, down) = watch::channel(false);
+        let mut s = Schedule::new(settings.verify_interval);
+        let waited = |lo: u64, hi: u64, started: Instant| {
+            let e = started.elapsed();
+            assert!(
+                e >= Duration::from_secs(lo) && e <= Duration::from_secs(hi),
+                "waited {e:?}, expected {lo}..{hi} s"
+            );
+        };
+        for (failures, retry_after, lo, hi) in [
+            (1, None, 9, 11),
+            (2, None, 18, 22),
+            (3, Some(120), 120, 120),
+            (4, Some(5), 72, 88),
+        ] {
+            let t = Instant::now();
+            s.synced(
+                false,
+                failures,
+                retry_after.map(Duration::from_secs),
+                &settings,
+            );
+            assert_eq!(
+                s.next(&mut rx, &stop, &down, settings.verify_interval)
+                    .await,
+                Some(Trigger::Sync)
+            );
+            waited(lo, hi, t);
+        }
+        let t = Instant::now();
+        s.synced(true, 0, None, &settings);
+        assert_eq!(
+            s.next(&mut rx, &stop, &down, settings.verify_interval)
+                .await,
+            Some(Trigger::Sync)
+        );
+        waited(270, 330, t);
+
+        // A trigger arrives 3 s into a 5 min wait.
+        s.synced(true, 0, None, &settings);
+        let t = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            tx.send(Trigger::Sync).await.unwrap();
+        });
+        assert_eq!(
+            s.next(&mut rx, &stop, &down, settings.verify_interval)
+                .await,
+            Some(Trigger::Sync)
+        );
+        waited(3, 3, t);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_verify_timer_fires_on_its_own() {
+        let mut settings = settings();
+        settings.interval = Duration::from_secs(24 * 3600);
+        settings.verify_interval = Duration::from_secs(3600);
+        let (_tx, mut rx) = mpsc::channel(1);
+        let (_stop_tx, stop) = watch::channel(false);
+        let (_down_tx, down) = watch::channel(false);
+        let mut s = Schedule::new(settings.verify_interval);
+        s.synced(true, 0, None, &settings);
+        let t = Instant::now();
+        assert_eq!(
+            s.next(&mut rx, &stop, &down, settings.verify_interval)
+                .await,
+            Some(Trigger::Repair)
+        );
+        assert_eq!(t.elapsed(), Duration::from_secs(3600));
     }
 
     #[test]

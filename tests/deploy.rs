@@ -170,7 +170,7 @@ fn units_declare_what_the_daemon_relies_on() {
         assert_eq!(one(u, "ProtectSystem"), "strict", "{name}");
         assert_eq!(
             one(u, "ReadWritePaths"),
-            "/var/lib/matchbox/assets",
+            "/var/lib/matchbox/assets -/var/lib/matchbox/profiles",
             "{name}"
         );
         assert_eq!(one(u, "StateDirectory"), "bootsync", "{name}");

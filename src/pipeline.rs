@@ -160,12 +160,17 @@ pub async fn extract(
                 size: downloaded,
             });
         }
-        let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
-            PipelineError::MediaType {
-                digest: layer.digest.clone(),
-                media_type: layer.media_type.clone(),
+        let kind = layer_kind(layer)?;
+        if let LayerKind::File { path, .. } = &kind {
+            // An artifact layer says which file it holds: fetch it only when wanted.
+            let wanted = destination(files, path).is_some()
+                && !overlay.taken.contains(path)
+                && !overlay.hidden(path);
+            if !wanted {
+                downloaded -= layer.size;
+                continue;
             }
-        })?;
+        }
         tracing::info!(layer = %layer.digest, size = layer.size, "reading layer");
 
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -180,14 +185,15 @@ pub async fn extract(
             };
             let overlay = std::mem::take(&mut overlay);
             tokio::task::spawn_blocking(move || {
-                let result = unpack_layer(
-                    ChannelReader::new(rx),
-                    &layer,
-                    compression,
-                    &files,
-                    &out,
-                    &overlay,
-                );
+                let blob = ChannelReader::new(rx);
+                let result = match kind {
+                    LayerKind::Tar(compression) => {
+                        unpack_layer(blob, &layer, compression, &files, &out, &overlay)
+                    }
+                    LayerKind::File { path, compression } => {
+                        unpack_file_layer(blob, &layer, compression, &path, &files, &out)
+                    }
+                };
                 (overlay, result)
             })
         };
@@ -333,9 +339,156 @@ struct LayerFound {
     opaque: Vec<String>,
 }
 
+/// How a layer carries its files.
+enum LayerKind {
+    /// A tar archive (compressed or not), as in container images.
+    Tar(Compression),
+    /// One file, named by its `org.opencontainers.image.title` annotation (ORAS artifacts);
+    /// compressed only when its media type ends in `+gzip`/`+zstd`.
+    File {
+        path: String,
+        compression: Compression,
+    },
+}
+
+const TITLE: &str = "org.opencontainers.image.title";
+/// ORAS marks directories it packed as tar+gzip with this annotation.
+const ORAS_UNPACK: &str = "io.deis.oras.content.unpack";
+
+fn layer_kind(layer: &Descriptor) -> Result<LayerKind, PipelineError> {
+    let title = layer.annotations.get(TITLE);
+    let packed_dir = layer
+        .annotations
+        .get(ORAS_UNPACK)
+        .is_some_and(|v| v == "true");
+    match title {
+        Some(title) if !packed_dir => {
+            let path =
+                crate::config::normalize_image_path(title).ok_or_else(|| PipelineError::Entry {
+                    digest: layer.digest.clone(),
+                    path: title.clone(),
+                    reason: "the title annotation is not a plain relative path".into(),
+                })?;
+            let mt = layer.media_type.as_str();
+            let compression = if mt.ends_with("+gzip") || mt.ends_with(".gzip") {
+                Compression::Gzip
+            } else if mt.ends_with("+zstd") || mt.ends_with(".zstd") {
+                Compression::Zstd
+            } else {
+                Compression::None
+            };
+            Ok(LayerKind::File { path, compression })
+        }
+        _ => Compression::from_media_type(&layer.media_type)
+            .map(LayerKind::Tar)
+            .ok_or_else(|| PipelineError::MediaType {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+            }),
+    }
+}
+
+/// A single-file (artifact) layer: hash, decompress if the media type says so, write the file.
+fn unpack_file_layer(
+    blob: impl Read,
+    layer: &Descriptor,
+    compression: Compression,
+    path: &str,
+    files: &[FileSpec],
+    out: &Output,
+) -> Result<LayerFound, PipelineError> {
+    let mut hashed = HashReader::new(blob, layer.size);
+    let written = (|| {
+        let rel = destination(files, path).ok_or_else(|| PipelineError::NotFound {
+            path: path.to_string(),
+            layers: 1,
+        })?;
+        let (counted, compressed) = CountingReader::new(&mut hashed);
+        let decoder = compression
+            .decoder(BufReader::with_capacity(READ_BUFFER, counted))
+            .map_err(|source| PipelineError::Read {
+                digest: layer.digest.clone(),
+                source,
+            })?;
+        let decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
+        // One byte more than allowed tells an oversized file from one exactly at the cap.
+        let mut capped = decoded.take(out.limits.max_file + 1);
+        let record = write_file(&mut capped, &out.dir.join(&rel), &rel, path, &out.modes)?;
+        if record.size > out.limits.max_file {
+            return Err(PipelineError::Limit {
+                what: format!("{path} in layer {}", layer.digest),
+                limit: "max_file_size",
+                max: out.limits.max_file,
+                size: record.size,
+            });
+        }
+        Ok(record)
+    })();
+    let finished = hashed.finish();
+    check_blob(layer, &finished)?;
+    let record = written?;
+    finished.map_err(|source| PipelineError::Read {
+        digest: layer.digest.clone(),
+        source,
+    })?;
+    Ok(LayerFound {
+        files: HashMap::from([(path.to_string(), record)]),
+        deleted: Vec::new(),
+        opaque: Vec::new(),
+    })
+}
+
+/// A blob read to its end must hash to its digest and have its declared size; a corrupt blob
+/// is reported as such even when the damage first showed up as a decoding error.
+fn check_blob(
+    layer: &Descriptor,
+    finished: &io::Result<(u64, String)>,
+) -> Result<(), PipelineError> {
+    match finished {
+        Ok((size, actual)) if actual != &layer.digest => Err(PipelineError::DigestMismatch {
+            digest: layer.digest.clone(),
+            actual: actual.clone(),
+            size: *size,
+        }),
+        Ok((size, _)) if *size != layer.size => Err(PipelineError::SizeMismatch {
+            digest: layer.digest.clone(),
+            expected: layer.size,
+            actual: *size,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Unpacks one layer blob read from `blob` into `staging` as the first (top) layer of an image:
+/// the same checks as a sync (digest, size, decoder, tar entries, limits), without a registry.
+/// Returns the files written. Used by the fuzz targets.
+pub fn unpack_single_layer(
+    blob: impl Read,
+    layer: &Descriptor,
+    files: &[FileSpec],
+    staging: &Path,
+    modes: &Modes,
+    limits: &Limits,
+) -> Result<Vec<FileRecord>, PipelineError> {
+    let out = Output {
+        dir: staging.to_path_buf(),
+        modes: *modes,
+        limits: *limits,
+    };
+    let found = match layer_kind(layer)? {
+        LayerKind::Tar(compression) => {
+            unpack_layer(blob, layer, compression, files, &out, &Overlay::default())?
+        }
+        LayerKind::File { path, compression } => {
+            unpack_file_layer(blob, layer, compression, &path, files, &out)?
+        }
+    };
+    Ok(found.files.into_values().collect())
+}
+
 /// Runs on a blocking thread: hash, decompress and walk one layer, writing wanted files.
 fn unpack_layer(
-    blob: ChannelReader,
+    blob: impl Read,
     layer: &Descriptor,
     compression: Compression,
     files: &[FileSpec],
@@ -347,22 +500,7 @@ fn unpack_layer(
     // Always read the blob to its end through the hasher: a corrupt blob must be reported as
     // such, even when the damage first shows up as a decoding error.
     let finished = hashed.finish();
-    let digest_err = match &finished {
-        Ok((size, actual)) if actual != &layer.digest => Some(PipelineError::DigestMismatch {
-            digest: layer.digest.clone(),
-            actual: actual.clone(),
-            size: *size,
-        }),
-        Ok((size, _)) if *size != layer.size => Some(PipelineError::SizeMismatch {
-            digest: layer.digest.clone(),
-            expected: layer.size,
-            actual: *size,
-        }),
-        _ => None,
-    };
-    if let Some(e) = digest_err {
-        return Err(e);
-    }
+    check_blob(layer, &finished)?;
     let found = walked?;
     finished.map_err(|source| PipelineError::Read {
         digest: layer.digest.clone(),
@@ -505,6 +643,158 @@ mod tests {
             name: name.into(),
             kind: Kind::Raw,
         }
+    }
+
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+
+    fn descriptor(media_type: &str, blob: &[u8], title: Option<&str>) -> Descriptor {
+        Descriptor {
+            media_type: media_type.into(),
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(blob))),
+            size: blob.len() as u64,
+            annotations: title
+                .map(|t| (TITLE.to_string(), t.to_string()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn unpack(
+        blob: &[u8],
+        desc: &Descriptor,
+        files: &[FileSpec],
+        limits: &Limits,
+    ) -> (tempfile::TempDir, Result<Vec<FileRecord>, PipelineError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = unpack_single_layer(blob, desc, files, dir.path(), &Modes::default(), limits);
+        (dir, r)
+    }
+
+    #[test]
+    fn a_tar_layer_yields_the_wanted_files_only() {
+        let blob = tar_of(&[
+            ("boot/vmlinuz", b"kernel"),
+            ("etc/passwd", b"root"),
+            ("usr/install/a/b", b"bee"),
+        ]);
+        let files = [
+            spec("boot/vmlinuz", false, "k"),
+            spec("usr/install", true, "inst"),
+        ];
+        let desc = descriptor("application/vnd.oci.image.layer.v1.tar", &blob, None);
+        let (dir, r) = unpack(&blob, &desc, &files, &Limits::default());
+        let mut names: Vec<String> = r.unwrap().into_iter().map(|f| f.name).collect();
+        names.sort();
+        assert_eq!(names, ["inst/a/b", "k"]);
+        assert_eq!(fs::read(dir.path().join("k")).unwrap(), b"kernel");
+        assert!(!dir.path().join("etc").exists());
+    }
+
+    #[test]
+    fn a_corrupt_blob_is_reported_as_a_digest_mismatch() {
+        let blob = tar_of(&[("boot/vmlinuz", b"kernel")]);
+        let desc = descriptor("application/vnd.oci.image.layer.v1.tar", &blob, None);
+        let mut bad = blob.clone();
+        bad[600] ^= 0xff;
+        let (_d, r) = unpack(
+            &bad,
+            &desc,
+            &[spec("boot/vmlinuz", false, "k")],
+            &Limits::default(),
+        );
+        assert!(
+            matches!(r, Err(PipelineError::DigestMismatch { .. })),
+            "{r:?}"
+        );
+        // and a blob longer than its descriptor says
+        let mut long = blob.clone();
+        long.extend_from_slice(&[0; 512]);
+        let (_d, r) = unpack(
+            &long,
+            &desc,
+            &[spec("boot/vmlinuz", false, "k")],
+            &Limits::default(),
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn artifact_layers_are_single_files_named_by_their_title() {
+        let content = b"initramfs bytes ".repeat(1000);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&content).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::encode_all(&content[..], 1).unwrap();
+        for (media_type, blob) in [
+            ("application/vnd.example.file", content.clone()),
+            ("application/vnd.example.file+gzip", gz),
+            ("application/vnd.example.file+zstd", zst),
+        ] {
+            let desc = descriptor(media_type, &blob, Some("initramfs.xz"));
+            let (dir, r) = unpack(
+                &blob,
+                &desc,
+                &[spec("initramfs.xz", false, "initrd")],
+                &Limits::default(),
+            );
+            assert_eq!(r.unwrap().len(), 1, "{media_type}");
+            assert_eq!(
+                fs::read(dir.path().join("initrd")).unwrap(),
+                content,
+                "{media_type}"
+            );
+        }
+        let desc = descriptor("application/vnd.example.file", b"x", Some("../escape"));
+        assert!(matches!(
+            layer_kind(&desc),
+            Err(PipelineError::Entry { .. })
+        ));
+    }
+
+    #[test]
+    fn files_over_the_size_cap_are_refused() {
+        let blob = tar_of(&[("boot/vmlinuz", &[7u8; 4096])]);
+        let desc = descriptor("application/vnd.oci.image.layer.v1.tar", &blob, None);
+        let limits = Limits {
+            max_file: 1024,
+            ..Limits::default()
+        };
+        let (_d, r) = unpack(&blob, &desc, &[spec("boot/vmlinuz", false, "k")], &limits);
+        assert!(
+            matches!(
+                r,
+                Err(PipelineError::Limit {
+                    limit: "max_file_size",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        let raw = vec![7u8; 4096];
+        let desc = descriptor("application/octet-stream", &raw, Some("vmlinuz"));
+        let (_d, r) = unpack(&raw, &desc, &[spec("vmlinuz", false, "k")], &limits);
+        assert!(
+            matches!(
+                r,
+                Err(PipelineError::Limit {
+                    limit: "max_file_size",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
     }
 
     #[test]

@@ -109,6 +109,8 @@ pub struct Descriptor {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+    #[serde(default)]
+    pub annotations: std::collections::BTreeMap<String, String>,
 }
 
 /// The image manifest chosen for the target's platform.
@@ -638,71 +640,29 @@ impl Registry {
         digest: &str,
         platform: &Platform,
     ) -> Result<ImageManifest, RegistryError> {
-        let top = self.fetch_manifest(digest).await?;
-        if let Some(entries) = top.manifests {
-            let chosen: Vec<&IndexEntry> = entries
-                .iter()
-                .filter(|e| e.platform.as_ref().is_some_and(|p| p.matches(platform)))
-                .collect();
-            let entry = match chosen.as_slice() {
-                [one] => *one,
-                [] => {
-                    let mut available: Vec<String> = entries
-                        .iter()
-                        .filter_map(|e| e.platform.as_ref().map(IndexPlatform::describe))
-                        .collect();
-                    available.dedup();
-                    return Err(RegistryError::PlatformMissing {
-                        wanted: platform.to_string(),
-                        digest: digest.to_string(),
-                        available: if available.is_empty() {
-                            "no platforms".into()
-                        } else {
-                            available.join(", ")
-                        },
-                    });
+        let body = self.fetch_manifest(digest).await?;
+        match resolve_manifest(&body, digest, platform, false)? {
+            Resolved::Image(m) => Ok(m),
+            Resolved::Follow(inner) => {
+                let body = self.fetch_manifest(&inner).await?;
+                match resolve_manifest(&body, &inner, platform, true)? {
+                    Resolved::Image(m) => Ok(m),
+                    Resolved::Follow(_) => Err(RegistryError::BadManifest {
+                        what: format!("manifest {inner}"),
+                        reason: "an index inside an index".into(),
+                    }),
                 }
-                many => {
-                    return Err(RegistryError::BadManifest {
-                        what: format!("index {digest}"),
-                        reason: format!(
-                            "platform {platform} is listed {} times; refusing to guess",
-                            many.len()
-                        ),
-                    })
-                }
-            };
-            if entry.digest == digest {
-                return Err(RegistryError::BadManifest {
-                    what: format!("index {digest}"),
-                    reason: "it lists itself".into(),
-                });
             }
-            if !entry.media_type.is_empty()
-                && entry.media_type != OCI_MANIFEST
-                && entry.media_type != DOCKER_MANIFEST
-            {
-                return Err(RegistryError::BadManifest {
-                    what: format!("index {digest}"),
-                    reason: format!(
-                        "entry for {platform} has unsupported media type {:?}",
-                        entry.media_type
-                    ),
-                });
-            }
-            let inner = self.fetch_manifest(&entry.digest).await?;
-            return image_from(inner, &entry.digest);
         }
-        image_from(top, digest)
     }
 
-    async fn fetch_manifest(&self, digest: &str) -> Result<RawManifest, RegistryError> {
+    /// The body of the manifest at `digest` (size-capped).
+    async fn fetch_manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let what = format!("manifest {digest} of {}/{}", self.host, self.repository);
-        let bad = |reason: String| RegistryError::BadManifest {
+        check_sha256(digest).map_err(|reason| RegistryError::BadManifest {
             what: what.clone(),
             reason,
-        };
-        check_sha256(digest).map_err(bad)?;
+        })?;
         let accept = ACCEPTED_MANIFESTS.join(", ");
         let req = Req {
             kind: "manifest",
@@ -712,25 +672,7 @@ impl Registry {
             range_from: 0,
         };
         let response = self.send(&req, &what).await?;
-        let body = self.read_body(response, MAX_MANIFEST_BYTES, &what).await?;
-        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
-        if actual != digest {
-            return Err(bad(format!("digest mismatch: content hashes to {actual}")));
-        }
-        let raw: RawManifest =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("not a valid manifest: {e}")))?;
-        if raw.schema_version != Some(2) {
-            return Err(bad(format!(
-                "unsupported schemaVersion {:?}",
-                raw.schema_version
-            )));
-        }
-        if let Some(mt) = &raw.media_type {
-            if !ACCEPTED_MANIFESTS.contains(&mt.as_str()) {
-                return Err(bad(format!("unsupported media type {mt:?}")));
-            }
-        }
-        Ok(raw)
+        self.read_body(response, MAX_MANIFEST_BYTES, &what).await
     }
 
     /// Streams blob `desc` into `tx` chunk by chunk. A connection that breaks or stalls part way
@@ -949,6 +891,103 @@ enum AttemptEnd {
     ConsumerGone,
 }
 
+/// What a manifest document resolves to for a platform.
+#[derive(Debug)]
+pub enum Resolved {
+    /// An image manifest: the version.
+    Image(ImageManifest),
+    /// An index: fetch this platform manifest next.
+    Follow(String),
+}
+
+/// Checks a manifest or index `body` fetched by `digest` (it must hash to it, parse, and be of a
+/// supported schema and media type) and resolves it for `platform`. `nested` is set for a
+/// document an index pointed to, which must be an image manifest. Pure, so it is fuzzed directly.
+pub fn resolve_manifest(
+    body: &[u8],
+    digest: &str,
+    platform: &Platform,
+    nested: bool,
+) -> Result<Resolved, RegistryError> {
+    let bad = |reason: String| RegistryError::BadManifest {
+        what: format!("manifest {digest}"),
+        reason,
+    };
+    check_sha256(digest).map_err(bad)?;
+    if body.len() > MAX_MANIFEST_BYTES {
+        return Err(bad(format!(
+            "{} bytes is larger than the {MAX_MANIFEST_BYTES} allowed",
+            body.len()
+        )));
+    }
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+    if actual != digest {
+        return Err(bad(format!("digest mismatch: content hashes to {actual}")));
+    }
+    let raw: RawManifest =
+        serde_json::from_slice(body).map_err(|e| bad(format!("not a valid manifest: {e}")))?;
+    if raw.schema_version != Some(2) {
+        return Err(bad(format!(
+            "unsupported schemaVersion {:?}",
+            raw.schema_version
+        )));
+    }
+    if let Some(mt) = &raw.media_type {
+        if !ACCEPTED_MANIFESTS.contains(&mt.as_str()) {
+            return Err(bad(format!("unsupported media type {mt:?}")));
+        }
+    }
+    let Some(entries) = raw.manifests else {
+        return image_from(raw, digest).map(Resolved::Image);
+    };
+    if nested {
+        return Err(bad("an index inside an index".into()));
+    }
+    let chosen: Vec<&IndexEntry> = entries
+        .iter()
+        .filter(|e| e.platform.as_ref().is_some_and(|p| p.matches(platform)))
+        .collect();
+    let entry = match chosen.as_slice() {
+        [one] => *one,
+        [] => {
+            let mut available: Vec<String> = entries
+                .iter()
+                .filter_map(|e| e.platform.as_ref().map(IndexPlatform::describe))
+                .collect();
+            available.dedup();
+            return Err(RegistryError::PlatformMissing {
+                wanted: platform.to_string(),
+                digest: digest.to_string(),
+                available: if available.is_empty() {
+                    "no platforms".into()
+                } else {
+                    available.join(", ")
+                },
+            });
+        }
+        many => {
+            return Err(bad(format!(
+                "platform {platform} is listed {} times; refusing to guess",
+                many.len()
+            )))
+        }
+    };
+    if entry.digest == digest {
+        return Err(bad("the index lists itself".into()));
+    }
+    check_sha256(&entry.digest).map_err(|r| bad(format!("entry for {platform}: {r}")))?;
+    if !entry.media_type.is_empty()
+        && entry.media_type != OCI_MANIFEST
+        && entry.media_type != DOCKER_MANIFEST
+    {
+        return Err(bad(format!(
+            "entry for {platform} has unsupported media type {:?}",
+            entry.media_type
+        )));
+    }
+    Ok(Resolved::Follow(entry.digest.clone()))
+}
+
 fn image_from(raw: RawManifest, digest: &str) -> Result<ImageManifest, RegistryError> {
     let bad = |reason: &str| RegistryError::BadManifest {
         what: format!("manifest {digest}"),
@@ -999,6 +1038,90 @@ mod tests {
         assert!(check_sha256("sha256:ABC").is_err());
         assert!(check_sha256(&format!("sha256:{}", "A".repeat(64))).is_err());
         assert!(check_sha256("nonsense").is_err());
+    }
+
+    fn arm64() -> Platform {
+        Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: None,
+        }
+    }
+
+    fn digest_of(body: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(body)))
+    }
+
+    #[test]
+    fn manifests_resolve_and_hostile_ones_are_refused() {
+        let layer = format!("sha256:{}", "a".repeat(64));
+        let image = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":3}}]}}"#
+        );
+        let d = digest_of(image.as_bytes());
+        assert!(
+            matches!(resolve_manifest(image.as_bytes(), &d, &arm64(), false), Ok(Resolved::Image(m)) if m.layers.len() == 1)
+        );
+        // the body must hash to the digest it was fetched by
+        let wrong = format!("sha256:{}", "b".repeat(64));
+        let e = resolve_manifest(image.as_bytes(), &wrong, &arm64(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("digest mismatch"), "{e}");
+
+        let entry = |digest: &str, arch: &str| {
+            format!(
+                r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{digest}","size":1,"platform":{{"os":"linux","architecture":"{arch}"}}}}"#
+            )
+        };
+        let index = |entries: &[String]| {
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{}]}}"#,
+                entries.join(",")
+            )
+        };
+        let ok = index(&[entry(&d, "arm64"), entry(&wrong, "amd64")]);
+        assert!(
+            matches!(resolve_manifest(ok.as_bytes(), &digest_of(ok.as_bytes()), &arm64(), false), Ok(Resolved::Follow(f)) if f == d)
+        );
+        // nested index, duplicate platform, missing platform, bad digests
+        let e = resolve_manifest(ok.as_bytes(), &digest_of(ok.as_bytes()), &arm64(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("index inside an index"), "{e}");
+        let twice = index(&[entry(&d, "arm64"), entry(&wrong, "arm64")]);
+        let e = resolve_manifest(
+            twice.as_bytes(),
+            &digest_of(twice.as_bytes()),
+            &arm64(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("listed 2 times"), "{e}");
+        let none = index(&[entry(&d, "amd64")]);
+        let e = resolve_manifest(
+            none.as_bytes(),
+            &digest_of(none.as_bytes()),
+            &arm64(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("offers: linux/amd64"), "{e}");
+        let md5 = index(&[entry("md5:abc", "arm64")]);
+        let e = resolve_manifest(md5.as_bytes(), &digest_of(md5.as_bytes()), &arm64(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unsupported digest algorithm"), "{e}");
+        for junk in [&b"not json"[..], b"{}", b"[]", br#"{"schemaVersion":1}"#] {
+            assert!(resolve_manifest(junk, &digest_of(junk), &arm64(), false).is_err());
+        }
+        let huge = vec![b' '; MAX_MANIFEST_BYTES + 1];
+        let e = resolve_manifest(&huge, &digest_of(&huge), &arm64(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than"), "{e}");
     }
 
     #[test]

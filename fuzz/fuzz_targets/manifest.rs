@@ -1,0 +1,26 @@
+//! Manifest and index parsing with platform selection: any bytes, fetched "by" their own digest
+//! (so the parser is reached), must give a result or an error, never a panic.
+#![no_main]
+
+use bootsync::config::Platform;
+use bootsync::registry::{resolve_manifest, Resolved};
+use libfuzzer_sys::fuzz_target;
+use sha2::{Digest, Sha256};
+
+fuzz_target!(|data: &[u8]| {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    for arch in ["arm64", "amd64"] {
+        let platform = Platform {
+            os: "linux".into(),
+            architecture: arch.into(),
+            variant: None,
+        };
+        for nested in [false, true] {
+            if let Ok(Resolved::Follow(next)) = resolve_manifest(data, &digest, &platform, nested) {
+                // An index may never send us back to itself.
+                assert_ne!(next, digest);
+                assert!(!nested);
+            }
+        }
+    }
+});

@@ -1420,3 +1420,30 @@ fn check_config_rejects_duplicate_target_names() {
         .assert_stderr_has(&["talos-arm64", path.to_str().unwrap()])
         .assert_stderr_has_any(&["duplicate", "more than once", "twice", "unique"]);
 }
+
+#[test]
+fn download_cap_stops_a_sync_before_the_layer_is_fetched() {
+    let reg = Registry::start();
+    let b = boot("arm64", 120);
+    let img = reg.push_image(
+        REPO,
+        &demo_image(Format::Oci, Compression::Zstd, "arm64", 120, &b),
+        Some("stable"),
+    );
+    let reference = reference(&reg, REPO, "stable");
+    let work = Work::new();
+    let dest = work.dest("talos");
+    let cfg = Config::new()
+        .registry(&reg.host())
+        .extra_top("max_download_size = \"10KB\"")
+        .target(demo_target("talos-arm64", &reference, &dest, "arm64"));
+    let out = work.sync_once(&work.config(&cfg));
+    out.assert_code(1)
+        .assert_stderr_has(&["talos-arm64", "max_download_size"]);
+    assert_eq!(
+        reg.blob_gets_of(REPO, img.layers.last().map(|l| l.digest.as_str()).unwrap()),
+        0,
+        "the layer over the cap was fetched anyway"
+    );
+    assert!(!dest.join("current").exists());
+}

@@ -257,7 +257,11 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
                 }
             }
             Err(e) => {
-                eprintln!("error: target {}: {}", target.name, daemon::error_chain(&e));
+                eprintln!(
+                    "error: target {}: {}",
+                    target.name,
+                    daemon::printable(&daemon::error_chain(&e))
+                );
                 failed = true;
             }
         }

@@ -45,6 +45,19 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// `text` with control characters escaped (`\n`, `\u{1b}`, ...), fit for one log or terminal line.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The result of one sync as the scheduler sees it.
 pub struct Synced {
     pub result: Result<Outcome, String>,
@@ -63,7 +76,20 @@ pub async fn sync_and_record(cx: &Context, target: &Target, board: &Board, verif
         .and_then(|t| t.published)
         .map(|p| p.digest);
     board.syncing(&target.name);
-    match sync::sync_target(cx, target, verify).await {
+    // Run the sync as its own task: a panic (a bug) becomes a failed sync the loop retries,
+    // not a dead loop stuck in "syncing".
+    let task = {
+        let (cx, target) = (cx.clone(), target.clone());
+        tokio::spawn(async move { sync::sync_target(&cx, &target, verify).await })
+    };
+    let result = match task.await {
+        Ok(r) => r.map_err(|e| (error_chain(&e), e.retry_after())),
+        Err(e) => Err((
+            format!("internal error (a bug, please report it): {e}"),
+            None,
+        )),
+    };
+    match result {
         Ok(outcome) => {
             let m = outcome.manifest();
             board.succeeded(&target.name, m, None);
@@ -77,7 +103,9 @@ pub async fn sync_and_record(cx: &Context, target: &Target, board: &Board, verif
                 .published(&target.name, &m.digest, previous.as_deref());
             if outcome.changed() {
                 if let Some(hook) = &target.hook {
-                    let result = crate::hook::run(hook, target, m).await;
+                    let result = crate::hook::run(hook, target, m)
+                        .await
+                        .map_err(|e| printable(&e));
                     if let Err(e) = &result {
                         tracing::error!(target = %target.name, "{e}");
                         cx.metrics.hook_failed(&target.name);
@@ -90,20 +118,19 @@ pub async fn sync_and_record(cx: &Context, target: &Target, board: &Board, verif
                 retry_after: None,
             }
         }
-        Err(e) => {
-            let text = format!(
-                "target {} ({}, {}): {}",
-                target.name,
-                target.reference,
-                target.platform,
-                error_chain(&e)
-            );
+        Err((cause, retry_after)) => {
+            // Causes quote names and bodies from the registry and the image: escape control
+            // characters so they cannot forge lines or move the cursor.
+            let text = printable(&format!(
+                "target {} ({}, {}): {cause}",
+                target.name, target.reference, target.platform
+            ));
             let failures = board.failed(&target.name, &text, None);
             cx.metrics
                 .sync_finished(&target.name, "failed", started.elapsed(), failures);
             tracing::error!(target = %target.name, failures, "sync failed: {text}");
             Synced {
-                retry_after: e.retry_after(),
+                retry_after,
                 result: Err(text),
             }
         }
@@ -705,6 +732,15 @@ mod tests {
             Some(Trigger::Repair)
         );
         assert_eq!(t.elapsed(), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let forged = "x\ntalos: published sha256:0 (2 files)\u{1b}[1A\r";
+        let p = printable(forged);
+        assert!(!p.chars().any(char::is_control), "{p:?}");
+        assert!(p.contains("\\n") && p.contains("\\u{1b}"), "{p}");
+        assert_eq!(printable("plain ünïcode"), "plain ünïcode");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
@@ -16,7 +16,9 @@ use tokio::sync::mpsc;
 use crate::assets::Kind;
 use crate::config::FileSpec;
 use crate::config::{Limits, Modes};
-use crate::io::{ChannelReader, Compression, CountingReader, HashReader, HashWriter, RatioLimit};
+use crate::io::{
+    ChannelReader, Compression, CountingReader, HashReader, HashWriter, RatioLimit, SniffReader,
+};
 use crate::registry::{Descriptor, Registry};
 use crate::store::FileRecord;
 
@@ -151,7 +153,7 @@ pub async fn extract(
             break;
         }
         searched += 1;
-        downloaded += layer.size;
+        downloaded = downloaded.saturating_add(layer.size);
         if downloaded > limits.max_download {
             return Err(PipelineError::Limit {
                 what: format!("the layers needed so far (up to {})", layer.digest),
@@ -413,7 +415,14 @@ fn unpack_file_layer(
         let decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
         // One byte more than allowed tells an oversized file from one exactly at the cap.
         let mut capped = decoded.take(out.limits.max_file + 1);
-        let record = write_file(&mut capped, &out.dir.join(&rel), &rel, path, &out.modes)?;
+        let record = write_file(
+            &mut capped,
+            &out.dir.join(&rel),
+            &rel,
+            path,
+            &out.modes,
+            &layer.digest,
+        )?;
         if record.size > out.limits.max_file {
             return Err(PipelineError::Limit {
                 what: format!("{path} in layer {}", layer.digest),
@@ -530,16 +539,23 @@ fn walk_tar<R: Read>(
     let decoder = compression
         .decoder(BufReader::with_capacity(READ_BUFFER, counted))
         .map_err(read_err)?;
-    let mut decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
+    let mut decoded = SniffReader::new(RatioLimit::new(
+        decoder,
+        compressed,
+        out.limits.max_ratio,
+        RATIO_GRACE,
+    ));
     let mut found = LayerFound {
         files: HashMap::new(),
         deleted: Vec::new(),
         opaque: Vec::new(),
     };
-    {
+    let mut entries_read = 0u64;
+    let walked = (|| {
         let mut archive = tar::Archive::new(&mut decoded);
         for entry in archive.entries().map_err(read_err)? {
             let mut entry = entry.map_err(read_err)?;
+            entries_read += 1;
             let raw_path = entry.path_bytes();
             let raw_path = String::from_utf8_lossy(&raw_path).into_owned();
             // Paths with `..` or nothing left after normalising are never wanted: skip them.
@@ -590,9 +606,27 @@ fn walk_tar<R: Read>(
                 });
             }
             let target = out.dir.join(&rel);
-            let record = write_file(&mut entry, &target, &rel, &path, &out.modes)?;
+            let record = write_file(&mut entry, &target, &rel, &path, &out.modes, &layer.digest)?;
             found.files.insert(path, record);
         }
+        Ok(())
+    })();
+    if let Err(e) = walked {
+        // A first header that does not parse is most often a layer whose media type lies:
+        // say what the bytes are instead of quoting the tar parser.
+        if entries_read == 0 {
+            if let Some(actual) = crate::io::sniff_format(decoded.head()) {
+                return Err(PipelineError::Entry {
+                    digest: layer.digest.clone(),
+                    path: "(first entry)".into(),
+                    reason: format!(
+                        "not a tar archive: the media type says {:?}, but the content is {actual}",
+                        layer.media_type
+                    ),
+                });
+            }
+        }
+        return Err(e);
     }
     // The tar reader stops at the end-of-archive marker; read the rest so the decoder checks its
     // own framing (and trailing checksums) to the end.
@@ -600,15 +634,22 @@ fn walk_tar<R: Read>(
     Ok(found)
 }
 
+/// Copies one entry into a fresh staging file. Read errors (from the layer: decoding, digest,
+/// limits) are told apart from write errors (the disk), so each is blamed on the right thing.
 fn write_file(
     entry: &mut impl Read,
     target: &Path,
     rel: &Path,
     source: &str,
     modes: &Modes,
+    layer: &str,
 ) -> Result<FileRecord, PipelineError> {
     let werr = |source: io::Error| PipelineError::Write {
         path: target.to_path_buf(),
+        source,
+    };
+    let rerr = |source: io::Error| PipelineError::Read {
+        digest: layer.to_string(),
         source,
     };
     if let Some(parent) = target.parent() {
@@ -618,7 +659,16 @@ fn write_file(
     // Truncates: a later entry for the same path in one layer replaces an earlier one.
     let file = fs::File::create(target).map_err(werr)?;
     let mut out = HashWriter::new(io::BufWriter::with_capacity(READ_BUFFER, file));
-    io::copy(entry, &mut out).map_err(werr)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(rerr(e)),
+        };
+        out.write_all(&buf[..n]).map_err(werr)?;
+    }
     let (buffered, size, sha256) = out.finish();
     let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
     crate::store::apply_file_modes(&file, modes).map_err(werr)?;

@@ -266,10 +266,14 @@ pub async fn sync_target(
     }
 
     // A new version is about as large as the one it replaces, and at least its top layer.
-    let current_size: u64 = current.iter().flat_map(|c| &c.files).map(|f| f.size).sum();
+    // Sizes come from the registry: add without overflowing.
+    let current_size = current
+        .iter()
+        .flat_map(|c| &c.files)
+        .fold(0u64, |sum, f| sum.saturating_add(f.size));
     let top_layer = image.layers.last().map_or(0, |l| l.size);
     let needed = current_size.max(top_layer);
-    store.check_space(needed + needed / 10)?;
+    store.check_space(needed.saturating_add(needed / 10))?;
 
     let staging = store.stage(&hex)?;
     let files = pipeline::extract(

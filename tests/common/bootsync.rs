@@ -647,3 +647,42 @@ fn looks_rfc3339(s: &str) -> bool {
         && b[16] == b':'
         && (s.ends_with('Z') || s.ends_with('z') || s[19..].contains('+') || s[19..].contains('-'))
 }
+
+impl Work {
+    /// Like [`Work::spawn_run`], with global options before `run` (e.g. `--log-format json`)
+    /// and extra environment variables (e.g. `RUST_LOG=debug`).
+    pub fn spawn_run_with(
+        &self,
+        config: &Path,
+        listen: &str,
+        global: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let log_path = self.path().join(format!("daemon-{}.log", free_port()));
+        let log = fs::File::create(&log_path).unwrap();
+        let child = Command::new(BIN)
+            .args(global)
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
+        Daemon {
+            child,
+            base: format!("http://{listen}"),
+            log_path,
+        }
+    }
+}
+
+impl Daemon {
+    /// The daemon's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}

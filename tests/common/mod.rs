@@ -2,11 +2,20 @@
 //! builder, and helpers to run the `bootsync` binary and check what it published.
 #![allow(dead_code)]
 
+pub mod authfront;
+pub mod authreg;
 pub mod bootsync;
 pub mod data;
 pub mod http;
 pub mod image;
+pub mod metrics;
+pub mod nginx;
+pub mod proxy;
+pub mod rawimage;
+pub mod rawtar;
 pub mod registry;
+pub mod served;
+pub mod tmpfs;
 
 pub use bootsync::*;
 pub use data::*;

@@ -97,7 +97,9 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each cause once, control characters escaped.
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("error: {}", daemon::printable(&daemon::error_chain(e)));
             ExitCode::FAILURE
         }
     }

@@ -223,6 +223,7 @@ impl Daemon {
     pub async fn recover_all(&self) {
         let cx = self.context();
         for target in cx.settings.targets.clone() {
+            cx.metrics.register_target(&target.name);
             let settings = cx.settings.clone();
             let t = target.clone();
             let result =
@@ -319,7 +320,8 @@ impl Daemon {
                         self.trigger(&target.name, Trigger::Sync);
                     }
                     None => {
-                        let (tx, rx) = mpsc::channel(1);
+                        // Room for a sync request behind a burst of repair requests.
+                        let (tx, rx) = mpsc::channel(4);
                         let (stop_tx, stop_rx) = watch::channel(false);
                         self.triggers
                             .lock()
@@ -399,8 +401,16 @@ impl Daemon {
                 }
                 Some(Trigger::Repair) => {
                     tokio::time::sleep(REPAIR_SETTLE).await;
-                    while triggers.try_recv() == Ok(Trigger::Repair) {}
+                    // Collapse the burst of repair requests; keep a sync request found in it.
+                    let mut sync_asked = false;
+                    while let Ok(t) = triggers.try_recv() {
+                        sync_asked |= t == Trigger::Sync;
+                    }
                     self.repair(&cx, &target).await;
+                    if sync_asked {
+                        action = Some(Trigger::Sync);
+                        continue;
+                    }
                 }
                 None => {}
             }
@@ -577,15 +587,13 @@ pub fn watch_config(path: &Path) -> Option<(notify::RecommendedWatcher, mpsc::Re
     })
     .map_err(|e| tracing::warn!(%e, "cannot watch the config file; reload with SIGHUP"))
     .ok()?;
-    // Watch the directory: editors replace files by renaming, which a file watch would lose.
+    // Watch the directory, recursively: editors replace files by renaming, which a file watch
+    // would lose, and config.d may be created after we start.
     if let Some(dir) = file.parent() {
-        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
             tracing::warn!(%e, "cannot watch the config directory; reload with SIGHUP");
             return None;
         }
-    }
-    if dropins.is_dir() {
-        let _ = watcher.watch(&dropins, RecursiveMode::NonRecursive);
     }
     Some((watcher, rx))
 }

@@ -3,6 +3,7 @@
 //! and counted; it never undoes the publish.
 
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
@@ -55,7 +56,9 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
     env
 }
 
-/// Runs the hook; `Err` carries a one-line description for logs and `/status`.
+/// Runs the hook; `Err` carries a one-line description for logs and `/status`. The hook is the
+/// leader of its own process group, so a timeout kills everything it started; a hook that exits
+/// but leaves a background process behind (holding its output open) still counts as finished.
 pub async fn run(hook: &Hook, target: &Target, m: &VersionManifest) -> Result<(), String> {
     let mut cmd = tokio::process::Command::new(&hook.argv[0]);
     cmd.args(&hook.argv[1..])
@@ -63,44 +66,61 @@ pub async fn run(hook: &Hook, target: &Target, m: &VersionManifest) -> Result<()
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("hook {:?} could not start: {e}", hook.argv[0]))?;
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let collect = async {
-        let mut out = String::new();
-        let mut err = String::new();
-        if let Some(s) = stdout.as_mut() {
-            let _ = s.take(OUTPUT_LIMIT).read_to_string(&mut out).await;
+    let pgid = child.id();
+    let out = tokio::spawn(read_some(child.stdout.take()));
+    let err = tokio::spawn(read_some(child.stderr.take()));
+    let status = match tokio::time::timeout(hook.timeout, child.wait()).await {
+        Ok(status) => status.map_err(|e| format!("hook {:?}: {e}", hook.argv[0])),
+        Err(_) => {
+            kill_group(pgid);
+            let _ = child.wait().await;
+            Err(format!(
+                "hook {:?} timed out after {:?}; it and its children were killed",
+                hook.argv[0], hook.timeout
+            ))
         }
-        if let Some(s) = stderr.as_mut() {
-            let _ = s.take(OUTPUT_LIMIT).read_to_string(&mut err).await;
-        }
-        let status = child.wait().await;
-        (status, out, err)
     };
-    match tokio::time::timeout(hook.timeout, collect).await {
-        // Dropping the future drops the child, which kill_on_drop kills.
-        Err(_) => Err(format!(
-            "hook {:?} timed out after {:?} and was killed",
-            hook.argv[0], hook.timeout
-        )),
-        Ok((Err(e), _, _)) => Err(format!("hook {:?}: {e}", hook.argv[0])),
-        Ok((Ok(status), out, err)) => {
-            if !out.trim().is_empty() {
-                tracing::info!(target = %target.name, "hook output: {}", out.trim());
-            }
-            if status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "hook {:?} failed ({status}): {}",
-                    hook.argv[0],
-                    err.trim()
-                ))
-            }
+    // Output still held open by a background child is not waited for.
+    let collect = |task: tokio::task::JoinHandle<String>| async move {
+        match tokio::time::timeout(Duration::from_millis(200), task).await {
+            Ok(Ok(text)) => text,
+            _ => String::new(),
+        }
+    };
+    let (out, err) = (collect(out).await, collect(err).await);
+    if !out.trim().is_empty() {
+        tracing::info!(target = %target.name, "hook output: {}", out.trim());
+    }
+    let status = status?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "hook {:?} failed ({status}): {}",
+            hook.argv[0],
+            err.trim()
+        ))
+    }
+}
+
+async fn read_some(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> String {
+    let mut text = String::new();
+    if let Some(p) = pipe {
+        let _ = p.take(OUTPUT_LIMIT).read_to_string(&mut text).await;
+    }
+    text
+}
+
+fn kill_group(pgid: Option<u32>) {
+    if let Some(pgid) = pgid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals the process group we created.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
         }
     }
 }

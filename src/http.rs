@@ -55,9 +55,10 @@ async fn status(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
 
 async fn metrics(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
     (
+        // prometheus-client writes the OpenMetrics text format.
         [(
             header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         d.context().metrics.encode(),
     )

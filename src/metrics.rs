@@ -178,6 +178,13 @@ impl Metrics {
             .set(1);
     }
 
+    /// Creates a target's counters at zero, so alert rules see them before the first event.
+    pub fn register_target(&self, name: &str) {
+        let _ = self.repairs.get_or_create(&target(name));
+        let _ = self.hook_failures.get_or_create(&target(name));
+        let _ = self.bytes.get_or_create(&target(name));
+    }
+
     pub fn self_repaired(&self, name: &str) {
         self.repairs.get_or_create(&target(name)).inc();
     }

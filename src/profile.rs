@@ -82,8 +82,17 @@ fn write_atomic(path: &Path, data: &[u8], modes: &Modes) -> io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let prefix = format!(".{name}.bootsync-");
+    // Temp files of an earlier run that was killed mid-write (matchbox ignores them; tidy up).
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     let tmp = dir.join(format!(
-        ".{name}.bootsync-{}-{:08x}",
+        "{prefix}{}-{:08x}",
         std::process::id(),
         fastrand::u32(..)
     ));
@@ -161,7 +170,13 @@ mod tests {
         // key order survives (operators diff these files)
         let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["id", "name", "boot", "generic_id", "zzz"]);
-        // no temp files left beside it
+        // no temp files left beside it, also none from an earlier, killed run
+        fs::write(
+            p.path.parent().unwrap().join(".talos.json.bootsync-1-2"),
+            b"{",
+        )
+        .unwrap();
+        update(&p, "0ff", &Modes::default()).unwrap();
         assert_eq!(fs::read_dir(p.path.parent().unwrap()).unwrap().count(), 1);
     }
 

@@ -239,7 +239,17 @@ impl Store {
     }
 
     fn remove_debris(&self) -> Result<(), StoreError> {
-        for dir in [&self.dest, &self.versions] {
+        // Manifest rewrites happen inside version directories too.
+        let mut dirs = vec![self.dest.clone(), self.versions.clone()];
+        for entry in fs::read_dir(&self.versions).map_err(at(&self.versions))? {
+            let entry = entry.map_err(at(&self.versions))?;
+            if entry.file_type().is_ok_and(|t| t.is_dir())
+                && !entry.file_name().to_string_lossy().starts_with('.')
+            {
+                dirs.push(entry.path());
+            }
+        }
+        for dir in &dirs {
             for entry in fs::read_dir(dir).map_err(at(dir))? {
                 let entry = entry.map_err(at(dir))?;
                 let name = entry.file_name();
@@ -758,6 +768,21 @@ mod tests {
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         assert_eq!(entries(tmp.path()), vec!["current", "k", "versions"]);
         assert_eq!(store.current().unwrap().hex(), "bb");
+    }
+
+    #[test]
+    fn temp_files_inside_version_directories_are_debris_too() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path(), &Modes::default()).unwrap();
+            publish(&store, "aa", &[("k", b"1")]);
+        }
+        fs::write(tmp.path().join("versions/aa/.tmp-manifest-1-2"), b"{").unwrap();
+        let _store = Store::open(tmp.path(), &Modes::default()).unwrap();
+        assert_eq!(
+            entries(&tmp.path().join("versions/aa")),
+            vec![".bootsync.json", "k"]
+        );
     }
 
     #[test]

@@ -254,7 +254,20 @@ pub async fn sync_target(
 
     // The same platform image may be current or retained already (an index that changed for
     // another platform, or a tag moved back): switch without downloading.
-    if let Some(existing) = store.version(&hex).filter(|m| usable(m)) {
+    // A retained version that is not the current one is re-hashed before it serves again: it
+    // sat on disk unwatched (self-repair only watches what is served).
+    let is_current = current
+        .as_ref()
+        .is_some_and(|c| store::digest_hex(&c.digest) == hex);
+    let retained = store.version(&hex).filter(|m| {
+        usable(m)
+            && (is_current
+                || store
+                    .verify(m)
+                    .map_err(|e| tracing::warn!(target = %target.name, "{e}; downloading it again"))
+                    .is_ok())
+    });
+    if let Some(existing) = retained {
         let m = store.activate(&manifest_for(existing.files), &names)?;
         ensure_profile(settings, target, &m)?;
         store.prune(settings.retain, settings.grace)?;

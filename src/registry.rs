@@ -592,13 +592,7 @@ impl Registry {
             .unwrap_or("latest")
             .to_string();
         let accept = ACCEPTED_MANIFESTS.join(", ");
-        let head = Req {
-            kind: "head",
-            method: Method::HEAD,
-            path: format!("/v2/{}/manifests/{tag}", self.repository),
-            accept: Some(&accept),
-            range_from: 0,
-        };
+        let head = self.manifest_request("head", Method::HEAD, &tag, &accept);
         let response = self.send(&head, &what).await?;
         let digest = match response
             .headers()
@@ -664,15 +658,25 @@ impl Registry {
             reason,
         })?;
         let accept = ACCEPTED_MANIFESTS.join(", ");
-        let req = Req {
-            kind: "manifest",
-            method: Method::GET,
-            path: format!("/v2/{}/manifests/{digest}", self.repository),
-            accept: Some(&accept),
-            range_from: 0,
-        };
+        let req = self.manifest_request("manifest", Method::GET, digest, &accept);
         let response = self.send(&req, &what).await?;
         self.read_body(response, MAX_MANIFEST_BYTES, &what).await
+    }
+
+    fn manifest_request<'a>(
+        &self,
+        kind: &'static str,
+        method: Method,
+        reference: &str,
+        accept: &'a str,
+    ) -> Req<'a> {
+        Req {
+            kind,
+            method,
+            path: format!("/v2/{}/manifests/{reference}", self.repository),
+            accept: Some(accept),
+            range_from: 0,
+        }
     }
 
     /// Streams blob `desc` into `tx` chunk by chunk. A connection that breaks or stalls part way

@@ -148,13 +148,17 @@ impl When {
     }
 }
 
-/// A fault for the requests that match a method and a path substring.
+/// A fault for the requests that match a method and a path substring (and request headers the
+/// proxy drops before forwarding them).
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub method: Option<String>,
     pub path_contains: String,
     pub when: When,
     pub fault: Option<Fault>,
+    /// Request headers not forwarded to the registry (e.g. `Range`, to play a server that
+    /// ignores ranges and answers 200 with the whole body).
+    pub strip_request_headers: Vec<String>,
     /// Requests that matched `method` and `path_contains` so far.
     matched: usize,
 }
@@ -167,6 +171,7 @@ impl Rule {
             path_contains: path_contains.to_string(),
             when: When::Every,
             fault: None,
+            strip_request_headers: Vec::new(),
             matched: 0,
         }
     }
@@ -201,6 +206,11 @@ impl Rule {
     }
     pub fn fault(mut self, fault: Fault) -> Rule {
         self.fault = Some(fault);
+        self
+    }
+    /// Drops request header `name` before forwarding (combines with a fault).
+    pub fn strip_request_header(mut self, name: &str) -> Rule {
+        self.strip_request_headers.push(name.to_string());
         self
     }
     fn matches(&self, method: &str, path: &str) -> bool {
@@ -254,6 +264,8 @@ pub struct Exchange {
     pub body_bytes: u64,
     /// The fault applied, if any.
     pub fault: Option<Fault>,
+    /// Request headers the proxy did not forward (see [`Rule::strip_request_header`]).
+    pub stripped_headers: Vec<String>,
     pub end: End,
     /// From reading the request head to the end of the exchange (so far).
     pub elapsed: Duration,
@@ -343,18 +355,19 @@ impl Shared {
     }
 
     /// Counts the request against every rule that matches it; the first rule whose `when`
-    /// applies gives the fault.
-    fn choose(&self, method: &str, path: &str) -> Option<Fault> {
+    /// applies (and that has a fault or headers to strip) says what to do.
+    fn choose(&self, method: &str, path: &str) -> (Option<Fault>, Vec<String>) {
         let mut chosen = None;
         for rule in lock(&self.rules).iter_mut() {
             if rule.matches(method, path) {
                 rule.matched += 1;
-                if chosen.is_none() && rule.when.applies(rule.matched) {
-                    chosen = rule.fault.clone();
+                let acts = rule.fault.is_some() || !rule.strip_request_headers.is_empty();
+                if chosen.is_none() && acts && rule.when.applies(rule.matched) {
+                    chosen = Some((rule.fault.clone(), rule.strip_request_headers.clone()));
                 }
             }
         }
-        chosen
+        chosen.unwrap_or_default()
     }
 
     /// Keeps a handle of `s` for shutting it down when the proxy stops; `unregister` the
@@ -533,6 +546,9 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 // Parsing
 // ---------------------------------------------------------------------------------------------
 
+/// A first line (request or status line) and the headers.
+type Head = (String, Vec<(String, String)>);
+
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -556,7 +572,7 @@ fn bad(msg: impl Into<String>) -> io::Error {
 
 /// A request or response head: the first line and the headers. `None` on a clean EOF before any
 /// byte of it.
-fn read_head(r: &mut impl BufRead) -> io::Result<Option<(String, Vec<(String, String)>)>> {
+fn read_head(r: &mut impl BufRead) -> io::Result<Option<Head>> {
     let mut first = String::new();
     let mut total = 0;
     let mut headers = Vec::new();
@@ -857,7 +873,7 @@ fn serve_connection(shared: &Shared, conn: usize, client: TcpStream) {
             path.to_string(),
             version.to_string(),
         );
-        let fault = shared.choose(&method, &path);
+        let (fault, strip) = shared.choose(&method, &path);
         let seq = {
             let mut log = lock(&shared.log);
             let seq = log.len();
@@ -873,6 +889,7 @@ fn serve_connection(shared: &Shared, conn: usize, client: TcpStream) {
                 location: None,
                 body_bytes: 0,
                 fault: fault.clone(),
+                stripped_headers: strip.clone(),
                 end: End::InFlight,
                 elapsed: Duration::ZERO,
                 started: Instant::now(),
@@ -886,6 +903,7 @@ fn serve_connection(shared: &Shared, conn: usize, client: TcpStream) {
             line: &line,
             headers: &headers,
             client_close,
+            strip: &strip,
         };
         let (end, after) = exchange(shared, seq, &request, &mut reader, &client, fault);
         shared.update(seq, |e| e.end = end);
@@ -908,6 +926,8 @@ struct Request<'a> {
     line: &'a str,
     headers: &'a [(String, String)],
     client_close: bool,
+    /// Headers not to forward.
+    strip: &'a [String],
 }
 
 fn request_framing(headers: &[(String, String)]) -> Framing {
@@ -971,10 +991,8 @@ fn exchange(
                 (End::ClientGone, After::Close)
             };
         }
-        Some(Fault::Delay(d)) => {
-            if !pause(shared, client, *d) {
-                return (End::ClientGone, After::Close);
-            }
+        Some(Fault::Delay(d)) if !pause(shared, client, *d) => {
+            return (End::ClientGone, After::Close);
         }
         _ => {}
     }
@@ -1074,7 +1092,9 @@ fn forward(
         .headers
         .iter()
         .filter(|(k, _)| {
-            !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("keep-alive")
+            !k.eq_ignore_ascii_case("connection")
+                && !k.eq_ignore_ascii_case("keep-alive")
+                && !req.strip.iter().any(|s| k.eq_ignore_ascii_case(s))
         })
         .cloned()
         .collect();

@@ -46,41 +46,38 @@ impl Read for ChannelReader {
     }
 }
 
-/// Hashes and counts everything read through it, and refuses to read past `limit` bytes (a blob
-/// larger than its descriptor says is as wrong as a corrupt one).
-pub struct HashReader<R> {
+/// Counts what is read through it and refuses to read past `limit` bytes (a blob larger than
+/// its descriptor says is as wrong as a corrupt one).
+pub struct LimitReader<R> {
     inner: R,
-    hasher: Sha256,
     count: u64,
     limit: u64,
 }
 
-impl<R: Read> HashReader<R> {
+impl<R: Read> LimitReader<R> {
     pub fn new(inner: R, limit: u64) -> Self {
-        HashReader {
+        LimitReader {
             inner,
-            hasher: Sha256::new(),
             count: 0,
             limit,
         }
     }
 
-    /// Reads the rest of the stream through the hasher (a decoder may stop before the end of its
-    /// input) and returns `(bytes read, "sha256:<hex>")`.
-    pub fn finish(mut self) -> io::Result<(u64, String)> {
+    /// Reads the rest of the stream (a decoder may stop before the end of its input) and
+    /// returns the number of bytes read in all.
+    pub fn finish(mut self) -> io::Result<u64> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((
-            self.count,
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-        ))
+        Ok(self.count)
     }
 }
 
-impl<R: Read> Read for HashReader<R> {
+impl<R: Read> Read for LimitReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Ask for one byte more than allowed so an overlong stream is noticed.
-        let room = (self.limit + 1 - self.count.min(self.limit + 1)) as usize;
-        let want = buf.len().min(room.max(1));
+        let room = self.limit.saturating_add(1).saturating_sub(self.count);
+        let want = buf
+            .len()
+            .min(usize::try_from(room).unwrap_or(usize::MAX).max(1));
         let n = self.inner.read(&mut buf[..want])?;
         self.count += n as u64;
         if self.count > self.limit {
@@ -92,6 +89,39 @@ impl<R: Read> Read for HashReader<R> {
                 ),
             ));
         }
+        Ok(n)
+    }
+}
+
+/// A [`LimitReader`] that also hashes what it reads (the daemon hashes blobs on the download
+/// task instead, as chunks arrive; this serves readers without one).
+pub struct HashReader<R> {
+    inner: LimitReader<R>,
+    hasher: Sha256,
+}
+
+impl<R: Read> HashReader<R> {
+    pub fn new(inner: R, limit: u64) -> Self {
+        HashReader {
+            inner: LimitReader::new(inner, limit),
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// Reads the rest of the stream through the hasher and returns `(bytes read,
+    /// "sha256:<hex>")`.
+    pub fn finish(mut self) -> io::Result<(u64, String)> {
+        io::copy(&mut self, &mut io::sink())?;
+        Ok((
+            self.inner.count,
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+        ))
+    }
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
     }

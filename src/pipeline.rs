@@ -11,19 +11,21 @@ use std::fs;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::assets::Kind;
 use crate::config::FileSpec;
 use crate::config::{Limits, Modes};
 use crate::io::{
-    ChannelReader, Compression, CountingReader, HashReader, HashWriter, RatioLimit, SniffReader,
+    ChannelReader, Compression, CountingReader, HashReader, HashWriter, LimitReader, RatioLimit,
+    SniffReader,
 };
 use crate::registry::{Descriptor, Registry};
 use crate::store::FileRecord;
 
 /// Chunks in flight between the download and the unpacker (reqwest chunks are ~8-16 KiB).
-const CHANNEL_DEPTH: usize = 64;
+const CHANNEL_DEPTH: usize = 8;
 const READ_BUFFER: usize = 256 * 1024;
 /// Decompressed bytes a layer may produce before the compression-ratio cap applies.
 const RATIO_GRACE: u64 = 16 << 20;
@@ -176,7 +178,10 @@ pub async fn extract(
         tracing::info!(layer = %layer.digest, size = layer.size, "reading layer");
 
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let download = registry.stream_blob(layer, tx);
+        // The blob is hashed on the download task as chunks arrive, so hashing overlaps
+        // decompression on the other core.
+        let mut hasher = Sha256::new();
+        let download = registry.stream_blob(layer, tx, &mut hasher);
         let unpack = {
             let layer = layer.clone();
             let files = files.to_vec();
@@ -187,22 +192,18 @@ pub async fn extract(
             };
             let overlay = std::mem::take(&mut overlay);
             tokio::task::spawn_blocking(move || {
-                let blob = ChannelReader::new(rx);
-                let result = match kind {
-                    LayerKind::Tar(compression) => {
-                        unpack_layer(blob, &layer, compression, &files, &out, &overlay)
-                    }
-                    LayerKind::File { path, compression } => {
-                        unpack_file_layer(blob, &layer, compression, &path, &files, &out)
-                    }
-                };
-                (overlay, result)
+                let mut blob = LimitReader::new(ChannelReader::new(rx), layer.size);
+                let walked = walk_layer(&mut blob, &layer, &kind, &files, &out, &overlay);
+                // Read the blob to its end even after an error: it is judged by its digest.
+                let drained = blob.finish();
+                (overlay, walked, drained)
             })
         };
         let ((), joined) = tokio::join!(download, unpack);
-        let (returned, result) = joined.map_err(|e| PipelineError::Join(e.to_string()))?;
+        let (returned, walked, drained) = joined.map_err(|e| PipelineError::Join(e.to_string()))?;
         overlay = returned;
-        let found = result?;
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let found = judge(layer, drained.map(|n| (n, digest)), walked)?;
 
         // Whiteouts in this layer hide only what lies below it.
         for (path, record) in found.files {
@@ -390,56 +391,45 @@ fn layer_kind(layer: &Descriptor) -> Result<LayerKind, PipelineError> {
     }
 }
 
-/// A single-file (artifact) layer: hash, decompress if the media type says so, write the file.
-fn unpack_file_layer(
-    blob: impl Read,
+/// A single-file (artifact) layer: decompress if the media type says so, write the file.
+fn walk_file(
+    blob: &mut impl Read,
     layer: &Descriptor,
     compression: Compression,
     path: &str,
     files: &[FileSpec],
     out: &Output,
 ) -> Result<LayerFound, PipelineError> {
-    let mut hashed = HashReader::new(blob, layer.size);
-    let written = (|| {
-        let rel = destination(files, path).ok_or_else(|| PipelineError::NotFound {
-            path: path.to_string(),
-            layers: 1,
-        })?;
-        let (counted, compressed) = CountingReader::new(&mut hashed);
-        let decoder = compression
-            .decoder(BufReader::with_capacity(READ_BUFFER, counted))
-            .map_err(|source| PipelineError::Read {
-                digest: layer.digest.clone(),
-                source,
-            })?;
-        let decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
-        // One byte more than allowed tells an oversized file from one exactly at the cap.
-        let mut capped = decoded.take(out.limits.max_file + 1);
-        let record = write_file(
-            &mut capped,
-            &out.dir.join(&rel),
-            &rel,
-            path,
-            &out.modes,
-            &layer.digest,
-        )?;
-        if record.size > out.limits.max_file {
-            return Err(PipelineError::Limit {
-                what: format!("{path} in layer {}", layer.digest),
-                limit: "max_file_size",
-                max: out.limits.max_file,
-                size: record.size,
-            });
-        }
-        Ok(record)
-    })();
-    let finished = hashed.finish();
-    check_blob(layer, &finished)?;
-    let record = written?;
-    finished.map_err(|source| PipelineError::Read {
-        digest: layer.digest.clone(),
-        source,
+    let rel = destination(files, path).ok_or_else(|| PipelineError::NotFound {
+        path: path.to_string(),
+        layers: 1,
     })?;
+    let (counted, compressed) = CountingReader::new(blob);
+    let decoder = compression
+        .decoder(BufReader::with_capacity(READ_BUFFER, counted))
+        .map_err(|source| PipelineError::Read {
+            digest: layer.digest.clone(),
+            source,
+        })?;
+    let decoded = RatioLimit::new(decoder, compressed, out.limits.max_ratio, RATIO_GRACE);
+    // One byte more than allowed tells an oversized file from one exactly at the cap.
+    let mut capped = decoded.take(out.limits.max_file + 1);
+    let record = write_file(
+        &mut capped,
+        &out.dir.join(&rel),
+        &rel,
+        path,
+        &out.modes,
+        &layer.digest,
+    )?;
+    if record.size > out.limits.max_file {
+        return Err(PipelineError::Limit {
+            what: format!("{path} in layer {}", layer.digest),
+            limit: "max_file_size",
+            max: out.limits.max_file,
+            size: record.size,
+        });
+    }
     Ok(LayerFound {
         files: HashMap::from([(path.to_string(), record)]),
         deleted: Vec::new(),
@@ -484,31 +474,37 @@ pub fn unpack_single_layer(
         modes: *modes,
         limits: *limits,
     };
-    let found = match layer_kind(layer)? {
-        LayerKind::Tar(compression) => {
-            unpack_layer(blob, layer, compression, files, &out, &Overlay::default())?
-        }
-        LayerKind::File { path, compression } => {
-            unpack_file_layer(blob, layer, compression, &path, files, &out)?
-        }
-    };
+    let kind = layer_kind(layer)?;
+    let mut hashed = HashReader::new(blob, layer.size);
+    let walked = walk_layer(&mut hashed, layer, &kind, files, &out, &Overlay::default());
+    let found = judge(layer, hashed.finish(), walked)?;
     Ok(found.files.into_values().collect())
 }
 
-/// Runs on a blocking thread: hash, decompress and walk one layer, writing wanted files.
-fn unpack_layer(
-    blob: impl Read,
+/// Walks one layer's content: the tar entries, or the single file of an artifact layer.
+fn walk_layer(
+    blob: &mut impl Read,
     layer: &Descriptor,
-    compression: Compression,
+    kind: &LayerKind,
     files: &[FileSpec],
     out: &Output,
     overlay: &Overlay,
 ) -> Result<LayerFound, PipelineError> {
-    let mut hashed = HashReader::new(blob, layer.size);
-    let walked = walk_tar(&mut hashed, layer, compression, files, out, overlay);
-    // Always read the blob to its end through the hasher: a corrupt blob must be reported as
-    // such, even when the damage first shows up as a decoding error.
-    let finished = hashed.finish();
+    match kind {
+        LayerKind::Tar(compression) => walk_tar(blob, layer, *compression, files, out, overlay),
+        LayerKind::File { path, compression } => {
+            walk_file(blob, layer, *compression, path, files, out)
+        }
+    }
+}
+
+/// Judges a layer read to its end: a blob of the wrong size or digest is reported as such,
+/// even when the damage first showed up as a decoding error; then the walk's own result.
+fn judge(
+    layer: &Descriptor,
+    finished: io::Result<(u64, String)>,
+    walked: Result<LayerFound, PipelineError>,
+) -> Result<LayerFound, PipelineError> {
     check_blob(layer, &finished)?;
     let found = walked?;
     finished.map_err(|source| PipelineError::Read {

@@ -683,11 +683,16 @@ impl Registry {
     /// is resumed with a `Range` request from the byte reached (asking the registry URL again, so
     /// an expired storage redirect is renewed), so nothing is fetched twice. The consumer hashes
     /// what it receives; a receiver that hangs up ends the download quietly.
-    pub async fn stream_blob(&self, desc: &Descriptor, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+    pub async fn stream_blob(
+        &self,
+        desc: &Descriptor,
+        tx: mpsc::Sender<std::io::Result<Bytes>>,
+        hasher: &mut Sha256,
+    ) {
         if let Some(o) = &self.observer {
             o.blob_started(&desc.digest, desc.size);
         }
-        if let Err(e) = self.stream_blob_inner(desc, &tx).await {
+        if let Err(e) = self.stream_blob_inner(desc, &tx, hasher).await {
             let _ = tx.send(Err(std::io::Error::other(e))).await;
         }
     }
@@ -696,6 +701,7 @@ impl Registry {
         &self,
         desc: &Descriptor,
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
+        hasher: &mut Sha256,
     ) -> Result<(), RegistryError> {
         let fail = |reason: String| RegistryError::Blob {
             digest: desc.digest.clone(),
@@ -705,10 +711,11 @@ impl Registry {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.blob_attempt(desc, offset, tx).await {
+            match self.blob_attempt(desc, offset, tx, hasher).await {
                 Ok(AttemptEnd::Done) | Ok(AttemptEnd::ConsumerGone) => return Ok(()),
                 Err((reached, e)) => {
-                    // Progress earns a fresh set of attempts; a blob that never moves does not.
+                    // Progress earns a fresh set of attempts (counting the one that made it); a
+                    // blob that never moves does not.
                     if reached > offset {
                         attempt = 1;
                     }
@@ -735,6 +742,7 @@ impl Registry {
         desc: &Descriptor,
         mut offset: u64,
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
+        hasher: &mut Sha256,
     ) -> Result<AttemptEnd, (u64, RegistryError)> {
         let what = format!("blob {}", desc.digest);
         let req = Req {
@@ -803,6 +811,7 @@ impl Registry {
             if let Some(o) = &self.observer {
                 o.bytes(chunk.len() as u64);
             }
+            hasher.update(&chunk);
             if tx.send(Ok(chunk)).await.is_err() {
                 return Ok(AttemptEnd::ConsumerGone);
             }

@@ -499,8 +499,9 @@ impl Store {
             })
     }
 
-    /// Points `current` and the stable links at `m` without restamping it.
-    pub fn repair_links(&self, m: &VersionManifest, names: &[String]) -> Result<(), StoreError> {
+    /// Points `current` and the stable links at `m` as it is (a fresh commit is stamped
+    /// already; a repair must not change when a version became current).
+    pub fn make_current(&self, m: &VersionManifest, names: &[String]) -> Result<(), StoreError> {
         self.switch(m, names)
     }
 
@@ -514,7 +515,7 @@ impl Store {
                 Ok(()) if self.is_intact(m, names) => {
                     if !self.links_ok(m, names) {
                         tracing::warn!(dest = %self.dest.display(), "repairing links");
-                        self.repair_links(m, names)?;
+                        self.make_current(m, names)?;
                     }
                     return Ok(Recovery::Intact(m.clone()));
                 }

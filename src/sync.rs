@@ -218,7 +218,7 @@ pub async fn sync_target(
     if let (Some(pinned), Some(cur)) = (reference.digest(), &current) {
         if cur.tag_digest == pinned {
             if !store.links_ok(cur, &names) {
-                store.repair_links(cur, &names)?;
+                store.make_current(cur, &names)?;
             }
             ensure_profile(settings, target, cur)?;
             return Ok(Outcome::UpToDate(cur.clone()));
@@ -231,7 +231,7 @@ pub async fn sync_target(
         if cur.tag_digest == tag_digest {
             tracing::debug!(target = %target.name, digest = %tag_digest, "up to date");
             if !store.links_ok(cur, &names) {
-                store.repair_links(cur, &names)?;
+                store.make_current(cur, &names)?;
             }
             ensure_profile(settings, target, cur)?;
             return Ok(Outcome::UpToDate(cur.clone()));
@@ -299,8 +299,9 @@ pub async fn sync_target(
     )
     .await?;
     let m = manifest_for(files);
+    // The manifest was stamped when committed: switching needs no second write (and fsync).
     store.commit(staging, &m)?;
-    let m = store.activate(&m, &names)?;
+    store.make_current(&m, &names)?;
     ensure_profile(settings, target, &m)?;
     store.prune(settings.retain, settings.grace)?;
     tracing::info!(
@@ -356,7 +357,7 @@ pub fn repair_target(settings: &Settings, target: &Target) -> Result<Repair, Syn
     }
     let mut repaired = false;
     if !store.links_ok(&current, &names) {
-        store.repair_links(&current, &names)?;
+        store.make_current(&current, &names)?;
         repaired = true;
     }
     if let Some(p) = &target.profile {

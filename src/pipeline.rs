@@ -250,6 +250,34 @@ pub async fn extract(
     Ok(out)
 }
 
+/// Checks one kernel or initramfs in staging by its real format.
+fn check_file(
+    spec: &FileSpec,
+    staging: &Path,
+    limits: &crate::assets::Limits,
+) -> Result<(), PipelineError> {
+    let path = staging.join(&spec.name);
+    let open_err = |source| PipelineError::Write {
+        path: path.clone(),
+        source,
+    };
+    let failed = |source| PipelineError::Check {
+        file: spec.name.clone(),
+        kind: spec.kind,
+        source,
+    };
+    let file = fs::File::open(&path).map_err(open_err)?;
+    let verdict = if spec.kind == Kind::Kernel {
+        let len = file.metadata().map_err(open_err)?.len();
+        crate::assets::check_kernel_with(BufReader::new(file), len, limits).map_err(failed)?
+    } else {
+        crate::assets::check_initramfs_with(BufReader::with_capacity(READ_BUFFER, file), limits)
+            .map_err(failed)?
+    };
+    tracing::info!(file = %spec.name, "{}: {verdict}", spec.kind);
+    Ok(())
+}
+
 /// Checks every kernel and initramfs by its real format and splits UKIs into their parts, so
 /// nothing that would not boot is published.
 fn check_and_split(
@@ -271,28 +299,24 @@ fn check_and_split(
         let path = path.to_path_buf();
         move |source| PipelineError::Write { path, source }
     };
+    // The checks read back what was just written (from the page cache); each file gets its own
+    // thread, so on two cores the kernel and the initramfs are checked side by side.
+    std::thread::scope(|scope| {
+        let checks: Vec<_> = files
+            .iter()
+            .filter(|f| !f.is_dir && matches!(f.kind, Kind::Kernel | Kind::Initramfs))
+            .map(|spec| scope.spawn(move || check_file(spec, staging, &check_limits)))
+            .collect();
+        for check in checks {
+            check
+                .join()
+                .map_err(|_| PipelineError::Join("a format check panicked".into()))??;
+        }
+        Ok::<(), PipelineError>(())
+    })?;
     for spec in files.iter().filter(|f| !f.is_dir) {
         match spec.kind {
-            Kind::Raw => {}
-            Kind::Kernel => {
-                let path = staging.join(&spec.name);
-                let file = fs::File::open(&path).map_err(open_err(&path))?;
-                let len = file.metadata().map_err(open_err(&path))?.len();
-                let verdict =
-                    crate::assets::check_kernel_with(BufReader::new(file), len, &check_limits)
-                        .map_err(failed(&spec.name, spec.kind))?;
-                tracing::info!(file = %spec.name, "kernel: {verdict}");
-            }
-            Kind::Initramfs => {
-                let path = staging.join(&spec.name);
-                let file = fs::File::open(&path).map_err(open_err(&path))?;
-                let verdict = crate::assets::check_initramfs_with(
-                    BufReader::with_capacity(READ_BUFFER, file),
-                    &check_limits,
-                )
-                .map_err(failed(&spec.name, spec.kind))?;
-                tracing::info!(file = %spec.name, "{verdict}");
-            }
+            Kind::Raw | Kind::Kernel | Kind::Initramfs => {}
             Kind::Uki => {
                 let uki = staging.join(uki_staging_name(spec));
                 let outputs = spec.outputs();

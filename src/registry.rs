@@ -399,10 +399,29 @@ impl Registry {
     /// Sends a request, retrying transient failures with backoff (honouring a short
     /// `Retry-After`), and answering one 401 with a fresh token or Basic credentials.
     async fn send(&self, req: &Req<'_>, what: &str) -> Result<reqwest::Response, RegistryError> {
+        self.retrying(|| self.send_authenticated(req, what)).await
+    }
+
+    /// Sends a request and reads its whole (small, capped) body, retrying both: a connection
+    /// that breaks inside a manifest is as transient as one that breaks before it.
+    async fn fetch_small(&self, req: &Req<'_>, what: &str, limit: usize) -> Result<Vec<u8>, RegistryError> {
+        self.retrying(|| async {
+            let response = self.send_authenticated(req, what).await?;
+            self.read_body(response, limit, what).await
+        })
+        .await
+    }
+
+    /// Runs `op` again on a transient failure, with backoff (or a short `Retry-After`).
+    async fn retrying<T, F, Fut>(&self, mut op: F) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RegistryError>>,
+    {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.send_authenticated(req, what).await {
+            match op().await {
                 Ok(r) => return Ok(r),
                 Err(e) if e.is_transient() && attempt < REQUEST_ATTEMPTS => {
                     let wait = match e.retry_after() {
@@ -607,8 +626,7 @@ impl Registry {
                     method: Method::GET,
                     ..head
                 };
-                let response = self.send(&get, &what).await?;
-                let body = self.read_body(response, MAX_MANIFEST_BYTES, &what).await?;
+                let body = self.fetch_small(&get, &what, MAX_MANIFEST_BYTES).await?;
                 format!("sha256:{}", hex::encode(Sha256::digest(&body)))
             }
         };
@@ -659,8 +677,13 @@ impl Registry {
         })?;
         let accept = ACCEPTED_MANIFESTS.join(", ");
         let req = self.manifest_request("manifest", Method::GET, digest, &accept);
-        let response = self.send(&req, &what).await?;
-        self.read_body(response, MAX_MANIFEST_BYTES, &what).await
+        // A body damaged in transit is fetched once more before the sync gives up on it.
+        let body = self.fetch_small(&req, &what, MAX_MANIFEST_BYTES).await?;
+        if format!("sha256:{}", hex::encode(Sha256::digest(&body))) == digest {
+            return Ok(body);
+        }
+        tracing::warn!(%digest, "manifest does not match its digest; fetching it again");
+        self.fetch_small(&req, &what, MAX_MANIFEST_BYTES).await
     }
 
     fn manifest_request<'a>(

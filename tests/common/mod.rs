@@ -5,6 +5,7 @@
 pub mod authfront;
 pub mod authreg;
 pub mod bootsync;
+pub mod chaos;
 pub mod data;
 pub mod http;
 pub mod image;

@@ -404,7 +404,12 @@ impl Registry {
 
     /// Sends a request and reads its whole (small, capped) body, retrying both: a connection
     /// that breaks inside a manifest is as transient as one that breaks before it.
-    async fn fetch_small(&self, req: &Req<'_>, what: &str, limit: usize) -> Result<Vec<u8>, RegistryError> {
+    async fn fetch_small(
+        &self,
+        req: &Req<'_>,
+        what: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, RegistryError> {
         self.retrying(|| async {
             let response = self.send_authenticated(req, what).await?;
             self.read_body(response, limit, what).await

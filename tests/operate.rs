@@ -22,10 +22,9 @@ use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const REPO: &str = "talos/operate";
@@ -143,44 +142,9 @@ fn run_env(config: &Path, global: &[&str], args: &[&str], env: &[(&str, &str)]) 
     let mut all: Vec<String> = global.iter().map(|s| s.to_string()).collect();
     all.extend(["--config".to_string(), path_str(config).to_string()]);
     all.extend(args.iter().map(|s| s.to_string()));
-    let mut child = Command::new(BIN)
-        .args(&all)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = err.read_to_end(&mut s);
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("`bootsync {}` did not finish within 60 s", all.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Outcome {
-        code: status.code(),
-        stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
-        stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
-        args: all,
-    }
+    let mut cmd = Command::new(BIN);
+    cmd.args(&all).envs(env.iter().copied());
+    run_command(cmd, all, Duration::from_secs(60))
 }
 
 fn post(base: &str, path: &str, authorization: Option<&str>) -> http::Response {

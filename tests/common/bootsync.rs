@@ -331,9 +331,15 @@ impl Work {
 }
 
 pub fn run_bin(args: &[String], limit: Duration) -> Outcome {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env("RUST_BACKTRACE", "1");
+    run_command(cmd, args.to_vec(), limit)
+}
+
+/// Runs `cmd` (a bootsync invocation; `args` for messages) to completion, `limit` at most,
+/// collecting stdout and stderr on their own threads so neither pipe can fill up.
+pub fn run_command(mut cmd: Command, args: Vec<String>, limit: Duration) -> Outcome {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -365,13 +371,13 @@ pub fn run_bin(args: &[String], limit: Duration) -> Outcome {
                 args.join(" ")
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(10));
     };
     let outcome = Outcome {
         code: status.code(),
         stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
         stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
-        args: args.to_vec(),
+        args,
     };
     // `BOOTSYNC_E2E_VERBOSE=1 cargo test --test e2e -- --nocapture` shows every run's output.
     if std::env::var_os("BOOTSYNC_E2E_VERBOSE").is_some() {

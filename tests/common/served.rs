@@ -2,14 +2,13 @@
 //! pause hook) or a umask, killed with SIGKILL at will; and checks that what a dest serves is
 //! one complete, verified version.
 
-use super::bootsync::{status_target, Outcome, BIN};
+use super::bootsync::{run_command, status_target, Outcome, BIN};
 use super::data::{bytes, fake_kernel, sha256_hex};
 use super::http;
 use super::registry::tail;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -62,46 +61,8 @@ impl Launch {
 
     /// Runs to completion (`limit` at most) and collects the output.
     pub fn run(&self, config: &Path, args: &[&str], limit: Duration) -> Outcome {
-        let mut child = self
-            .command(config, args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
-        let mut out = child.stdout.take().unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let t_out = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = out.read_to_end(&mut s);
-            s
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = err.read_to_end(&mut s);
-            s
-        });
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let stderr = String::from_utf8_lossy(&t_err.join().unwrap()).into_owned();
-                panic!(
-                    "`bootsync {}` did not finish within {limit:?}; stderr:\n{stderr}",
-                    args.join(" ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        Outcome {
-            code: status.code(),
-            stdout: String::from_utf8_lossy(&t_out.join().unwrap()).into_owned(),
-            stderr: String::from_utf8_lossy(&t_err.join().unwrap()).into_owned(),
-            args: args.iter().map(|s| s.to_string()).collect(),
-        }
+        let args_owned = args.iter().map(|s| s.to_string()).collect();
+        run_command(self.command(config, args), args_owned, limit)
     }
 
     /// Starts in the background, stdout and stderr to `log`.

@@ -68,13 +68,7 @@ pub struct Synced {
 /// when what is served changed.
 pub async fn sync_and_record(cx: &Context, target: &Target, board: &Board, verify: bool) -> Synced {
     let started = Instant::now();
-    let previous = board
-        .report()
-        .targets
-        .into_iter()
-        .find(|t| t.name == target.name)
-        .and_then(|t| t.published)
-        .map(|p| p.digest);
+    let previous = board.published_digest(&target.name);
     board.syncing(&target.name);
     // Run the sync as its own task: a panic (a bug) becomes a failed sync the loop retries,
     // not a dead loop stuck in "syncing".

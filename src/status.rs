@@ -270,6 +270,14 @@ impl Board {
         self.update(name, |t| t.next_check = Some(rfc3339(next)));
     }
 
+    /// The digest `name` serves, as last recorded.
+    pub fn published_digest(&self, name: &str) -> Option<String> {
+        self.lock()
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.published.as_ref().map(|p| p.digest.clone()))
+    }
+
     pub fn consecutive_failures(&self, name: &str) -> u32 {
         self.lock()
             .iter()

@@ -271,15 +271,12 @@ impl Store {
 
     /// The version `current` points at, if it and its manifest are readable.
     pub fn current(&self) -> Option<VersionManifest> {
-        let link = fs::read_link(self.dest.join("current")).ok()?;
-        let hex = link.strip_prefix("versions").ok()?.to_str()?.to_string();
-        self.version(&hex)
+        current_of(&self.dest)
     }
 
     /// The manifest of `versions/<hex>`, if present and readable.
     pub fn version(&self, hex: &str) -> Option<VersionManifest> {
-        let text = fs::read(self.versions.join(hex).join(MANIFEST)).ok()?;
-        serde_json::from_slice(&text).ok()
+        read_manifest(&self.versions.join(hex))
     }
 
     /// A cheap check that every recorded file is there with its recorded size and that the
@@ -556,6 +553,17 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The version `dest/current` points at, read without taking the lock (for status readers).
+pub fn current_of(dest: &Path) -> Option<VersionManifest> {
+    let link = fs::read_link(dest.join("current")).ok()?;
+    let hex = link.strip_prefix("versions").ok()?;
+    read_manifest(&dest.join("versions").join(hex))
+}
+
+fn read_manifest(version_dir: &Path) -> Option<VersionManifest> {
+    serde_json::from_slice(&fs::read(version_dir.join(MANIFEST)).ok()?).ok()
 }
 
 fn published_time(m: &VersionManifest) -> SystemTime {

@@ -131,9 +131,7 @@ pub fn published_names(target: &Target) -> Vec<String> {
 
 /// The version currently published for `target`, read from disk (no lock, no network).
 pub fn published(target: &Target) -> Option<VersionManifest> {
-    let link = std::fs::read_link(target.dest.join("current")).ok()?;
-    let text = std::fs::read(target.dest.join(link).join(".bootsync.json")).ok()?;
-    serde_json::from_slice(&text).ok()
+    store::current_of(&target.dest)
 }
 
 fn parse_reference(target: &Target) -> Result<Reference, SyncError> {

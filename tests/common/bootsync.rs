@@ -310,23 +310,7 @@ impl Work {
 
     /// Starts `bootsync --config FILE run` in the background.
     pub fn spawn_run(&self, config: &Path, listen: &str) -> Daemon {
-        let log_path = self.path().join(format!("daemon-{}.log", free_port()));
-        let log = fs::File::create(&log_path).unwrap();
-        let child = Command::new(BIN)
-            .arg("--config")
-            .arg(config)
-            .arg("run")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {BIN}: {e}"));
-        Daemon {
-            child,
-            base: format!("http://{listen}"),
-            log_path,
-        }
+        self.spawn_run_with(config, listen, &[], &[])
     }
 }
 

@@ -98,7 +98,8 @@ pub fn fake_initramfs(seed: u64, len: usize) -> Vec<u8> {
     zstd::encode_all(&cpio[..], 1).unwrap()
 }
 
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+/// Appends one newc cpio entry (header, name, data, each padded to 4 bytes).
+pub fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
     let fields = [
         1,
         mode,

@@ -3,7 +3,7 @@
 //! one complete, verified version.
 
 use super::bootsync::{run_command, status_target, Outcome, BIN};
-use super::data::{bytes, fake_kernel, sha256_hex};
+use super::data::{bytes, cpio_entry, fake_kernel, sha256_hex};
 use super::http;
 use super::registry::tail;
 use serde_json::Value;
@@ -453,35 +453,4 @@ pub fn compressible_cpio(seed: u64, len: usize) -> Vec<u8> {
     cpio_entry(&mut out, "init", 0o100755, &data);
     cpio_entry(&mut out, "TRAILER!!!", 0, &[]);
     out
-}
-
-fn cpio_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-    let fields = [
-        1,
-        mode,
-        0,
-        0,
-        1,
-        0,
-        data.len() as u32,
-        0,
-        0,
-        0,
-        0,
-        name.len() as u32 + 1,
-        0,
-    ];
-    out.extend_from_slice(b"070701");
-    for f in fields {
-        out.extend_from_slice(format!("{f:08X}").as_bytes());
-    }
-    out.extend_from_slice(name.as_bytes());
-    out.push(0);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
-    out.extend_from_slice(data);
-    while !out.len().is_multiple_of(4) {
-        out.push(0);
-    }
 }

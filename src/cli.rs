@@ -64,6 +64,19 @@ enum Command {
     Unpin { target: String },
     /// Validate the config file and print what it defines.
     CheckConfig,
+    /// Show what an image offers for netboot: platforms, layers, boot files and their formats,
+    /// and a `[[target]]` for the config. Reads layers only until a kernel or UKI is found;
+    /// writes nothing. Registry settings come from the config when there is one.
+    Inspect {
+        /// An image reference, e.g. ghcr.io/siderolabs/installer:v1.11.5
+        reference: String,
+        /// os/arch[/variant] [default: linux/arm64, or the index's only platform]
+        #[arg(long)]
+        platform: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the daemon's status (from its `/status`).
     Status {
         /// Base URL of the daemon's API [default: http://<listen from the config>].
@@ -109,6 +122,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     if let Command::Status { url, json } = &cli.command {
         return status(&cli.config, url.as_deref(), *json).await;
     }
+    if let Command::Inspect {
+        reference,
+        platform,
+        json,
+    } = &cli.command
+    {
+        return inspect(&cli.config, reference, platform.as_deref(), *json).await;
+    }
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
         Err(e) => {
@@ -134,7 +155,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             check_config(&cli.config, &settings);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Inspect { .. } => unreachable!("handled above"),
     }
 }
 
@@ -154,9 +175,19 @@ fn check_config(path: &Path, s: &Settings) {
             t.platform,
             t.dest.display()
         );
-        for f in &t.files {
-            let kind = if f.is_dir { "dir " } else { "file" };
-            println!("  {kind} {} -> {}", f.source, f.name);
+        for (i, layout) in t.layouts.iter().enumerate() {
+            if t.layouts.len() > 1 {
+                println!("  layout {}:", i + 1);
+            }
+            for f in &layout.files {
+                let what = if f.is_dir { "dir " } else { "file" };
+                println!(
+                    "  {what} {} -> {} ({})",
+                    f.source,
+                    f.outputs().join(", "),
+                    f.kind
+                );
+            }
         }
     }
 }
@@ -391,6 +422,48 @@ async fn handle_signals(daemon: Arc<Daemon>) {
             }
         }
     }
+}
+
+async fn inspect(
+    config_path: &Path,
+    reference: &str,
+    platform: Option<&str>,
+    json: bool,
+) -> Result<ExitCode> {
+    // A config is optional here: without one, registries are reached over HTTPS, anonymously.
+    let settings = match Settings::load(config_path) {
+        Ok(s) => Some(s),
+        Err(crate::config::ConfigError::Read { .. }) => None,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let observer: Option<Arc<dyn crate::registry::Observer>> = if std::io::stderr().is_terminal() {
+        use crate::sync::ProgressFactory as _;
+        Some(crate::progress::TerminalProgress.observer(
+            "inspect",
+            crate::metrics::Metrics::new().observer("inspect"),
+        ))
+    } else {
+        None
+    };
+    let report = crate::inspect::inspect(reference, platform, settings.as_ref(), observer)
+        .await
+        .with_context(|| format!("inspecting {reference}"))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        );
+    } else {
+        print!("{}", crate::inspect::render(&report));
+    }
+    Ok(if report.snippet.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn status(config_path: &Path, url: Option<&str>, json: bool) -> Result<ExitCode> {

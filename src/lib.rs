@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod hook;
 pub mod http;
+pub mod inspect;
 pub mod io;
 pub mod logging;
 pub mod metrics;

@@ -27,7 +27,7 @@ fn path(state_dir: &Path, target: &str) -> PathBuf {
 pub fn fingerprint(t: &Target) -> String {
     hex::encode(Sha256::digest(format!(
         "{:?}|{:?}|{:?}|{:?}",
-        t.reference, t.platform, t.dest, t.files
+        t.reference, t.platform, t.dest, t.layouts
     )))
 }
 

@@ -3,7 +3,12 @@
 //! one release even if a publish happens between its two downloads.
 //!
 //! matchbox reads profiles from disk on every request, so an atomic rewrite takes effect at
-//! once. Every field other than `boot.kernel` and `boot.initrd` is kept as it was.
+//! once. Every field other than `boot.kernel` and `boot.initrd` is kept as it was, except
+//! `boot.args` when the version's kernel was split out of a UKI: a node that netboots the split
+//! kernel gets only the command line its iPXE script gives it, so the UKI's own `.cmdline`
+//! (`talos.platform=metal console=...`) must be carried into the profile
+//! (siderolabs/talos#9947), with the configured `args` winning on conflict and the `initrd=`
+//! argument the EFI stub needs to find the initramfs iPXE hands it.
 
 use std::fs;
 use std::io::{self, Write};
@@ -12,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::config::{Modes, Profile};
+use crate::store::VersionManifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -31,8 +37,58 @@ fn urls(p: &Profile, hex: &str) -> (String, Vec<String>) {
     (at(&p.kernel), p.initrd.iter().map(|n| at(n)).collect())
 }
 
-/// Points the profile at version `hex`. Returns whether the file changed.
-pub fn update(p: &Profile, hex: &str, modes: &Modes) -> Result<bool, ProfileError> {
+/// Splits a kernel command line into arguments, keeping double-quoted values (`a="b c"`) whole.
+fn split_cmdline(cmdline: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in cmdline.chars() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                cur.push(c);
+            }
+            c if c.is_whitespace() && !quoted => {
+                if !cur.is_empty() {
+                    args.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        args.push(cur);
+    }
+    args
+}
+
+fn arg_key(arg: &str) -> &str {
+    arg.split_once('=').map_or(arg, |(k, _)| k)
+}
+
+/// The arguments of a profile whose kernel came from a UKI: the UKI's command line without the
+/// keys the configured arguments set, then the configured arguments, then `initrd=NAME` for
+/// each initramfs (unless configured): the EFI stub loads the initrd iPXE registered under that
+/// name.
+pub fn uki_args(cmdline: &str, configured: &[String], initrds: &[String]) -> Vec<String> {
+    let keys: Vec<&str> = configured.iter().map(|a| arg_key(a)).collect();
+    let mut args: Vec<String> = split_cmdline(cmdline)
+        .into_iter()
+        .filter(|a| !keys.contains(&arg_key(a)) && arg_key(a) != "initrd")
+        .collect();
+    args.extend(configured.iter().cloned());
+    if !keys.contains(&"initrd") {
+        args.extend(initrds.iter().map(|url| {
+            let name = url.rsplit('/').next().unwrap_or(url);
+            format!("initrd={name}")
+        }));
+    }
+    args
+}
+
+/// Points the profile at version `m`. Returns whether the file changed.
+pub fn update(p: &Profile, m: &VersionManifest, modes: &Modes) -> Result<bool, ProfileError> {
+    let hex = m.hex();
     let invalid = |reason: String| ProfileError::Invalid {
         path: p.path.clone(),
         reason,
@@ -48,7 +104,7 @@ pub fn update(p: &Profile, hex: &str, modes: &Modes) -> Result<bool, ProfileErro
         Err(e) if e.kind() == io::ErrorKind::NotFound => json!({
             "id": p.template_id,
             "name": p.template_name,
-            "boot": {"kernel": "", "initrd": [], "args": p.template_args},
+            "boot": {"kernel": "", "initrd": [], "args": p.args},
         }),
         Err(e) => return Err(io_err(e)),
     };
@@ -60,14 +116,23 @@ pub fn update(p: &Profile, hex: &str, modes: &Modes) -> Result<bool, ProfileErro
         .or_insert_with(|| Value::Object(Map::new()))
         .as_object_mut()
         .ok_or_else(|| invalid("\"boot\" is not an object".into()))?;
+    let args = m
+        .boot
+        .as_ref()
+        .filter(|b| b.kernel == p.kernel)
+        .map(|b| Value::from(uki_args(&b.cmdline, &p.args, &initrd)));
     let new_initrd = Value::from(initrd);
     if boot.get("kernel").and_then(Value::as_str) == Some(kernel.as_str())
         && boot.get("initrd") == Some(&new_initrd)
+        && args.as_ref().is_none_or(|a| boot.get("args") == Some(a))
     {
         return Ok(false);
     }
     boot.insert("kernel".into(), Value::from(kernel));
     boot.insert("initrd".into(), new_initrd);
+    if let Some(args) = args {
+        boot.insert("args".into(), args);
+    }
     let mut text = serde_json::to_vec_pretty(&doc).map_err(|e| invalid(e.to_string()))?;
     text.push(b'\n');
     write_atomic(&p.path, &text, modes).map_err(io_err)?;
@@ -122,7 +187,20 @@ mod tests {
             initrd: vec!["initramfs-arm64.xz".into()],
             template_id: "talos".into(),
             template_name: "Talos".into(),
-            template_args: vec!["talos.platform=metal".into(), "console=ttyAMA0".into()],
+            args: vec!["talos.platform=metal".into(), "console=ttyAMA0".into()],
+        }
+    }
+
+    fn version(hex: &str) -> VersionManifest {
+        VersionManifest {
+            target: "t".into(),
+            reference: "r/x:y".into(),
+            platform: "linux/arm64".into(),
+            digest: format!("sha256:{hex}"),
+            tag_digest: format!("sha256:{hex}"),
+            published_at: String::new(),
+            files: Vec::new(),
+            boot: None,
         }
     }
 
@@ -130,7 +208,7 @@ mod tests {
     fn creates_from_template() {
         let tmp = tempfile::tempdir().unwrap();
         let p = profile(tmp.path());
-        assert!(update(&p, "abc", &Modes::default()).unwrap());
+        assert!(update(&p, &version("abc"), &Modes::default()).unwrap());
         let doc: Value = serde_json::from_slice(&fs::read(&p.path).unwrap()).unwrap();
         assert_eq!(doc["id"], "talos");
         assert_eq!(
@@ -143,7 +221,7 @@ mod tests {
         );
         assert_eq!(doc["boot"]["args"][1], "console=ttyAMA0");
         assert!(
-            !update(&p, "abc", &Modes::default()).unwrap(),
+            !update(&p, &version("abc"), &Modes::default()).unwrap(),
             "unchanged profile rewritten"
         );
     }
@@ -155,7 +233,7 @@ mod tests {
         fs::create_dir_all(p.path.parent().unwrap()).unwrap();
         let before = r#"{"id":"x","name":"mine","boot":{"kernel":"/old","initrd":["/old-i"],"args":["a=1"],"extra":true},"generic_id":"g","zzz":[1,2]}"#;
         fs::write(&p.path, before).unwrap();
-        update(&p, "def", &Modes::default()).unwrap();
+        update(&p, &version("def"), &Modes::default()).unwrap();
         let text = fs::read_to_string(&p.path).unwrap();
         let doc: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(doc["name"], "mine");
@@ -176,7 +254,7 @@ mod tests {
             b"{",
         )
         .unwrap();
-        update(&p, "0ff", &Modes::default()).unwrap();
+        update(&p, &version("0ff"), &Modes::default()).unwrap();
         assert_eq!(fs::read_dir(p.path.parent().unwrap()).unwrap().count(), 1);
     }
 
@@ -186,7 +264,7 @@ mod tests {
         let p = profile(tmp.path());
         fs::create_dir_all(p.path.parent().unwrap()).unwrap();
         fs::write(&p.path, b"{not json").unwrap();
-        let e = update(&p, "abc", &Modes::default())
+        let e = update(&p, &version("abc"), &Modes::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -195,6 +273,66 @@ mod tests {
         );
         assert_eq!(fs::read(&p.path).unwrap(), b"{not json");
         fs::write(&p.path, b"[1]").unwrap();
-        assert!(update(&p, "abc", &Modes::default()).is_err());
+        assert!(update(&p, &version("abc"), &Modes::default()).is_err());
+    }
+
+    #[test]
+    fn a_uki_command_line_becomes_the_args_and_configured_ones_win() {
+        let cmdline = "talos.platform=metal console=tty0 console=ttyAMA0 init_on_alloc=1 foo=\"a b\" initrd=\\old";
+        let configured = [
+            "console=ttyS0".to_string(),
+            "talos.config=http://x/c".to_string(),
+        ];
+        let args = uki_args(
+            cmdline,
+            &configured,
+            &["/assets/t/versions/aa/initramfs-arm64.xz".into()],
+        );
+        assert_eq!(
+            args,
+            [
+                "talos.platform=metal",
+                "init_on_alloc=1",
+                "foo=\"a b\"",
+                "console=ttyS0",
+                "talos.config=http://x/c",
+                "initrd=initramfs-arm64.xz"
+            ]
+        );
+        // a configured initrd= is kept as it is
+        let args = uki_args("a=1", &["initrd=mine".into()], &["/x/i".into()]);
+        assert_eq!(args, ["a=1", "initrd=mine"]);
+    }
+
+    #[test]
+    fn a_version_from_a_uki_rewrites_the_profile_args() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut p = profile(tmp.path());
+        p.args = vec!["console=ttyS0".into()];
+        let mut m = version("abc");
+        m.boot = Some(crate::store::BootInfo {
+            kernel: "vmlinuz-arm64".into(),
+            cmdline: "talos.platform=metal console=ttyAMA0".into(),
+            os_release: Some("Talos (v1.11.5)".into()),
+            kernel_release: None,
+        });
+        assert!(update(&p, &m, &Modes::default()).unwrap());
+        let doc: Value = serde_json::from_slice(&fs::read(&p.path).unwrap()).unwrap();
+        assert_eq!(
+            doc["boot"]["args"],
+            json!([
+                "talos.platform=metal",
+                "console=ttyS0",
+                "initrd=initramfs-arm64.xz"
+            ])
+        );
+        assert!(
+            !update(&p, &m, &Modes::default()).unwrap(),
+            "unchanged profile rewritten"
+        );
+        // a version without a UKI leaves the args as they are
+        assert!(update(&p, &version("def"), &Modes::default()).unwrap());
+        let doc: Value = serde_json::from_slice(&fs::read(&p.path).unwrap()).unwrap();
+        assert_eq!(doc["boot"]["args"][0], "talos.platform=metal");
     }
 }

@@ -155,10 +155,12 @@ impl IndexPlatform {
         }
     }
 
-    fn matches(&self, p: &Platform) -> bool {
-        self.os == p.os
-            && self.architecture == p.architecture
-            && (p.variant.is_none() || p.variant == self.variant)
+    fn platform(&self) -> Platform {
+        Platform {
+            os: self.os.clone(),
+            architecture: self.architecture.clone(),
+            variant: self.variant.clone(),
+        }
     }
 }
 
@@ -673,6 +675,22 @@ impl Registry {
         }
     }
 
+    /// The platforms the index at `digest` offers (`None` when it is an image manifest).
+    pub async fn offered(&self, digest: &str) -> Result<Option<Vec<String>>, RegistryError> {
+        let body = self.fetch_manifest(digest).await?;
+        let raw: RawManifest =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::BadManifest {
+                what: format!("manifest {digest}"),
+                reason: format!("not a valid manifest: {e}"),
+            })?;
+        Ok(raw.manifests.map(|entries| {
+            entries
+                .iter()
+                .filter_map(|e| e.platform.as_ref().map(IndexPlatform::describe))
+                .collect()
+        }))
+    }
+
     /// The body of the manifest at `digest` (size-capped).
     async fn fetch_manifest(&self, digest: &str) -> Result<Vec<u8>, RegistryError> {
         let what = format!("manifest {digest} of {}/{}", self.host, self.repository);
@@ -984,10 +1002,18 @@ pub fn resolve_manifest(
     if nested {
         return Err(bad("an index inside an index".into()));
     }
-    let chosen: Vec<&IndexEntry> = entries
-        .iter()
-        .filter(|e| e.platform.as_ref().is_some_and(|p| p.matches(platform)))
-        .collect();
+    // Platforms compare as containerd normalises them (`arm64` = `arm64/v8`, `aarch64` =
+    // `arm64`); a config without a variant also takes the one entry of another variant.
+    let matching = |f: &dyn Fn(&Platform) -> bool| -> Vec<&IndexEntry> {
+        entries
+            .iter()
+            .filter(|e| e.platform.as_ref().is_some_and(|p| f(&p.platform())))
+            .collect()
+    };
+    let mut chosen = matching(&|p| platform.same_as(p));
+    if chosen.is_empty() && platform.variant.is_none() {
+        chosen = matching(&|p| platform.same_arch(p));
+    }
     let entry = match chosen.as_slice() {
         [one] => *one,
         [] => {
@@ -1237,20 +1263,45 @@ mod tests {
     }
 
     #[test]
-    fn platform_matching_honours_variant_only_when_asked() {
-        let p = IndexPlatform {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-            variant: Some("v8".into()),
-        };
-        let want = |v: Option<&str>| Platform {
-            os: "linux".into(),
-            architecture: "arm64".into(),
-            variant: v.map(str::to_string),
-        };
-        assert!(p.matches(&want(None)));
-        assert!(p.matches(&want(Some("v8"))));
-        assert!(!p.matches(&want(Some("v7"))));
-        assert_eq!(p.describe(), "linux/arm64/v8");
+    fn platforms_match_as_containerd_normalises_them() {
+        let p = |s: &str| crate::config::parse_platform(s).unwrap();
+        // (wanted, in the index, chosen?)
+        let table = [
+            ("linux/arm64", "linux/arm64/v8", true),
+            ("linux/arm64/v8", "linux/arm64", true),
+            ("linux/aarch64", "linux/arm64", true),
+            ("linux/arm64", "linux/aarch64/8", true),
+            ("linux/amd64", "linux/x86_64", true),
+            ("linux/amd64/v1", "linux/amd64", true),
+            ("linux/arm/v7", "linux/armhf", true),
+            ("linux/arm", "linux/arm/v7", true),
+            ("linux/arm64/v9", "linux/arm64", false),
+            ("linux/arm64", "linux/amd64", false),
+            ("linux/arm/v6", "linux/arm/v7", false),
+            // no variant asked: the one entry of another variant is taken
+            ("linux/amd64", "linux/amd64/v3", true),
+        ];
+        for (wanted, offered, chosen) in table {
+            let (os, rest) = offered.split_once('/').unwrap();
+            let (arch, variant) = match rest.split_once('/') {
+                Some((a, v)) => (a, format!(r#","variant":"{v}""#)),
+                None => (rest, String::new()),
+            };
+            let index = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"sha256:{}","size":1,"platform":{{"os":"{os}","architecture":"{arch}"{variant}}}}}]}}"#,
+                "c".repeat(64)
+            );
+            let r = resolve_manifest(
+                index.as_bytes(),
+                &digest_of(index.as_bytes()),
+                &p(wanted),
+                false,
+            );
+            assert_eq!(
+                r.is_ok(),
+                chosen,
+                "{wanted} in an index of {offered}: {r:?}"
+            );
+        }
     }
 }

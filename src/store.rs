@@ -88,6 +88,24 @@ pub struct VersionManifest {
     /// When this version last became current (RFC 3339).
     pub published_at: String,
     pub files: Vec<FileRecord>,
+    /// What a UKI said about itself, when the version's boot files came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootInfo>,
+}
+
+/// Read from a UKI's sections when it is split: what a profile and `/status` show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootInfo {
+    /// Published name of the kernel split out of the UKI.
+    pub kernel: String,
+    /// The UKI's `.cmdline` (empty when it has none).
+    pub cmdline: String,
+    /// From its `.osrel`: `PRETTY_NAME`, else `NAME VERSION_ID` (e.g. "Talos (v1.11.5)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os_release: Option<String>,
+    /// Its `.uname`: the kernel release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_release: Option<String>,
 }
 
 impl VersionManifest {
@@ -280,18 +298,10 @@ impl Store {
     }
 
     /// A cheap check that every recorded file is there with its recorded size and that the
-    /// version holds exactly the files `names` asks for.
-    pub fn is_intact(&self, m: &VersionManifest, names: &[String]) -> bool {
+    /// version holds exactly the files of one of the `accepted` name sets (a target's layouts).
+    pub fn is_intact(&self, m: &VersionManifest, accepted: &[Vec<String>]) -> bool {
         let dir = self.versions.join(m.hex());
-        let covers = names.iter().all(|n| {
-            m.files
-                .iter()
-                .any(|f| f.name == *n || Path::new(&f.name).starts_with(n))
-        }) && m
-            .files
-            .iter()
-            .all(|f| names.iter().any(|n| Path::new(&f.name).starts_with(n)));
-        covers
+        names_of(m, accepted).is_some()
             && m.files.iter().all(|f| {
                 fs::symlink_metadata(dir.join(&f.name))
                     .is_ok_and(|md| md.is_file() && md.len() == f.size)
@@ -504,27 +514,30 @@ impl Store {
 
     /// Startup recovery: verify `current` by content; when it is damaged or gone, fall back to
     /// the newest retained version that verifies; repair links either way.
-    pub fn recover(&self, names: &[String]) -> Result<Recovery, StoreError> {
+    pub fn recover(&self, accepted: &[Vec<String>]) -> Result<Recovery, StoreError> {
         let link = fs::read_link(self.dest.join("current")).ok();
         let current = self.current();
         let reason = match &current {
-            Some(m) => match self.verify(m) {
-                Ok(()) if self.is_intact(m, names) => {
+            Some(m) => match (self.verify(m), names_of(m, accepted)) {
+                (Ok(()), Some(names)) if self.is_intact(m, accepted) => {
                     if !self.links_ok(m, names) {
                         tracing::warn!(dest = %self.dest.display(), "repairing links");
                         self.make_current(m, names)?;
                     }
                     return Ok(Recovery::Intact(m.clone()));
                 }
-                Ok(()) => "it does not hold the configured files".to_string(),
-                Err(e) => e.to_string(),
+                (Ok(()), _) => "it does not hold the configured files".to_string(),
+                (Err(e), _) => e.to_string(),
             },
             None if link.is_none() && self.versions()?.is_empty() => return Ok(Recovery::Empty),
             None => "current is missing or points at nothing readable".to_string(),
         };
         let from = current.as_ref().map(|m| m.digest.clone());
         for candidate in self.versions()? {
-            if Some(&candidate.digest) == from.as_ref() || !self.is_intact(&candidate, names) {
+            let Some(names) = names_of(&candidate, accepted) else {
+                continue;
+            };
+            if Some(&candidate.digest) == from.as_ref() || !self.is_intact(&candidate, accepted) {
                 continue;
             }
             if let Err(e) = self.verify(&candidate) {
@@ -553,6 +566,24 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The name set among `accepted` (a target's layouts) that version `m` holds exactly: every
+/// name present (a file, or a directory of files) and nothing else.
+pub fn names_of<'a>(m: &VersionManifest, accepted: &'a [Vec<String>]) -> Option<&'a [String]> {
+    accepted
+        .iter()
+        .find(|names| {
+            names.iter().all(|n| {
+                m.files
+                    .iter()
+                    .any(|f| f.name == *n || Path::new(&f.name).starts_with(n))
+            }) && m
+                .files
+                .iter()
+                .all(|f| names.iter().any(|n| Path::new(&f.name).starts_with(n)))
+        })
+        .map(Vec::as_slice)
 }
 
 /// The version `dest/current` points at, read without taking the lock (for status readers).
@@ -678,6 +709,7 @@ mod tests {
                     source: format!("src/{n}"),
                 })
                 .collect(),
+            boot: None,
         }
     }
 
@@ -740,9 +772,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         let m = publish(&store, "aa", &[("k", b"kernel")]);
-        let names = vec!["k".to_string()];
+        let names = vec![vec!["k".to_string()]];
         assert!(store.is_intact(&m, &names));
-        assert!(!store.is_intact(&m, &["k".to_string(), "i".to_string()]));
+        assert!(!store.is_intact(&m, &[vec!["k".to_string(), "i".to_string()]]));
+        // one of several layouts is enough
+        assert!(store.is_intact(&m, &[vec!["x".to_string()], vec!["k".to_string()]]));
         fs::write(tmp.path().join("versions/aa/k"), b"short").unwrap();
         assert!(!store.is_intact(&m, &names));
     }
@@ -846,13 +880,13 @@ mod tests {
         let e = store.verify(&m).unwrap_err().to_string();
         assert!(e.contains("k has 6 bytes"), "{e}");
         // the cheap check cannot see it; that is why recovery hashes
-        assert!(store.is_intact(&m, &["k".to_string()]));
+        assert!(store.is_intact(&m, &[vec!["k".to_string()]]));
     }
 
     #[test]
     fn recovery_falls_back_to_the_newest_intact_version() {
         let tmp = tempfile::tempdir().unwrap();
-        let names = vec!["k".to_string()];
+        let names = vec![vec!["k".to_string()]];
         {
             let store = Store::open(tmp.path(), &Modes::default()).unwrap();
             publish(&store, "aa", &[("k", b"one")]);
@@ -881,7 +915,7 @@ mod tests {
     #[test]
     fn recovery_repairs_links() {
         let tmp = tempfile::tempdir().unwrap();
-        let names = vec!["k".to_string()];
+        let names = vec![vec!["k".to_string()]];
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         publish(&store, "aa", &[("k", b"one")]);
         fs::remove_file(tmp.path().join("k")).unwrap();

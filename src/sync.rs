@@ -120,13 +120,10 @@ impl Outcome {
     }
 }
 
-/// Names published at the top of a version (files, or directories copied whole).
-pub fn published_names(target: &Target) -> Vec<String> {
-    target
-        .files
-        .iter()
-        .flat_map(crate::config::FileSpec::outputs)
-        .collect()
+/// The names a version of `m`'s layout publishes at its top (files, or directories copied
+/// whole), or none when `m` holds no layout the config asks for.
+fn names_for(target: &Target, m: &VersionManifest) -> Option<Vec<String>> {
+    store::names_of(m, &target.name_sets()).map(<[String]>::to_vec)
 }
 
 /// The version currently published for `target`, read from disk (no lock, no network).
@@ -169,7 +166,7 @@ fn ensure_profile(
     m: &VersionManifest,
 ) -> Result<(), SyncError> {
     if let Some(p) = &target.profile {
-        if profile::update(p, m.hex(), &settings.modes)? {
+        if profile::update(p, m, &settings.modes)? {
             tracing::info!(target = %target.name, profile = %p.path.display(), digest = %m.digest, "matchbox profile now points at this version");
         }
     }
@@ -186,10 +183,11 @@ pub async fn sync_target(
     let started = Instant::now();
     let settings = &cx.settings;
     let reference = parse_reference(target)?;
-    let names = published_names(target);
+    let accepted = target.name_sets();
     let store = Store::open(&target.dest, &settings.modes)?;
     let usable =
-        |m: &VersionManifest| store.is_intact(m, &names) && (!verify || store.verify(m).is_ok());
+        |m: &VersionManifest| store.is_intact(m, &accepted) && (!verify || store.verify(m).is_ok());
+    let names = |m: &VersionManifest| names_for(target, m).unwrap_or_default();
 
     if let Some(pin) = pins::active(&settings.state_dir, target) {
         let pinned = store
@@ -201,11 +199,11 @@ pub async fn sync_target(
             })?;
         let current = store.current();
         let m = if current.is_some_and(|c| c.digest == pinned.digest)
-            && store.links_ok(&pinned, &names)
+            && store.links_ok(&pinned, &names(&pinned))
         {
             pinned
         } else {
-            store.activate(&pinned, &names)?
+            store.activate(&pinned, &names(&pinned))?
         };
         ensure_profile(settings, target, &m)?;
         return Ok(Outcome::Pinned(m));
@@ -215,8 +213,8 @@ pub async fn sync_target(
     // A reference pinned by digest that is already published needs no network at all.
     if let (Some(pinned), Some(cur)) = (reference.digest(), &current) {
         if cur.tag_digest == pinned {
-            if !store.links_ok(cur, &names) {
-                store.make_current(cur, &names)?;
+            if !store.links_ok(cur, &names(cur)) {
+                store.make_current(cur, &names(cur))?;
             }
             ensure_profile(settings, target, cur)?;
             return Ok(Outcome::UpToDate(cur.clone()));
@@ -228,8 +226,8 @@ pub async fn sync_target(
     if let Some(cur) = &current {
         if cur.tag_digest == tag_digest {
             tracing::debug!(target = %target.name, digest = %tag_digest, "up to date");
-            if !store.links_ok(cur, &names) {
-                store.make_current(cur, &names)?;
+            if !store.links_ok(cur, &names(cur)) {
+                store.make_current(cur, &names(cur))?;
             }
             ensure_profile(settings, target, cur)?;
             return Ok(Outcome::UpToDate(cur.clone()));
@@ -240,7 +238,7 @@ pub async fn sync_target(
         .image_manifest(&tag_digest, &target.platform)
         .await?;
     let hex = store::digest_hex(&image.digest).to_string();
-    let manifest_for = |files| VersionManifest {
+    let manifest_for = |files, boot| VersionManifest {
         target: target.name.clone(),
         reference: target.reference.clone(),
         platform: target.platform.to_string(),
@@ -248,6 +246,7 @@ pub async fn sync_target(
         tag_digest: tag_digest.clone(),
         published_at: store::now_rfc3339(),
         files,
+        boot,
     };
 
     // The same platform image may be current or retained already (an index that changed for
@@ -266,7 +265,11 @@ pub async fn sync_target(
                     .is_ok())
     });
     if let Some(existing) = retained {
-        let m = store.activate(&manifest_for(existing.files), &names)?;
+        let existing_names = names(&existing);
+        let m = store.activate(
+            &manifest_for(existing.files, existing.boot),
+            &existing_names,
+        )?;
         ensure_profile(settings, target, &m)?;
         store.prune(settings.retain, settings.grace)?;
         if current.is_some_and(|c| c.digest == m.digest) {
@@ -287,19 +290,19 @@ pub async fn sync_target(
     store.check_space(needed.saturating_add(needed / 10))?;
 
     let staging = store.stage(&hex)?;
-    let files = pipeline::extract(
+    let extracted = pipeline::extract(
         &registry,
         &image.layers,
-        &target.files,
+        &target.layouts,
         staging.path(),
         &settings.modes,
         &settings.limits,
     )
     .await?;
-    let m = manifest_for(files);
+    let m = manifest_for(extracted.files, extracted.boot);
     // The manifest was stamped when committed: switching needs no second write (and fsync).
     store.commit(staging, &m)?;
-    store.make_current(&m, &names)?;
+    store.make_current(&m, &names(&m))?;
     ensure_profile(settings, target, &m)?;
     store.prune(settings.retain, settings.grace)?;
     tracing::info!(
@@ -317,7 +320,7 @@ pub async fn sync_target(
 /// intact retained version when it is damaged, repair links and the profile.
 pub fn recover_target(settings: &Settings, target: &Target) -> Result<Recovery, SyncError> {
     let store = Store::open_waiting(&target.dest, &settings.modes, Duration::from_secs(30))?;
-    let recovery = store.recover(&published_names(target))?;
+    let recovery = store.recover(&target.name_sets())?;
     match &recovery {
         Recovery::Intact(m) | Recovery::FellBack { to: m, .. } => {
             ensure_profile(settings, target, m)?
@@ -341,10 +344,10 @@ pub enum Repair {
 /// reported, not patched: the caller re-downloads them through a verified sync.
 pub fn repair_target(settings: &Settings, target: &Target) -> Result<Repair, SyncError> {
     let store = Store::open(&target.dest, &settings.modes)?;
-    let names = published_names(target);
+    let accepted = target.name_sets();
     let Some(current) = store.current() else {
         // Only repairable if something is retained; recovery does the fallback.
-        return Ok(match store.recover(&names)? {
+        return Ok(match store.recover(&accepted)? {
             Recovery::FellBack { .. } => Repair::Relinked,
             Recovery::NothingIntact { reason } => Repair::NeedsRefetch(reason),
             Recovery::Empty | Recovery::Intact(_) => Repair::Healthy,
@@ -353,13 +356,18 @@ pub fn repair_target(settings: &Settings, target: &Target) -> Result<Repair, Syn
     if let Err(e) = store.verify(&current) {
         return Ok(Repair::NeedsRefetch(e.to_string()));
     }
+    let Some(names) = names_for(target, &current) else {
+        return Ok(Repair::NeedsRefetch(
+            "the current version does not hold the configured files".into(),
+        ));
+    };
     let mut repaired = false;
     if !store.links_ok(&current, &names) {
         store.make_current(&current, &names)?;
         repaired = true;
     }
     if let Some(p) = &target.profile {
-        repaired |= profile::update(p, current.hex(), &settings.modes)?;
+        repaired |= profile::update(p, &current, &settings.modes)?;
     }
     Ok(if repaired {
         Repair::Relinked
@@ -376,7 +384,6 @@ pub fn rollback(
     to: Option<&str>,
 ) -> Result<VersionManifest, SyncError> {
     let store = Store::open_waiting(&target.dest, &settings.modes, Duration::from_secs(30))?;
-    let names = published_names(target);
     let current = store.current().map(|m| m.digest);
     let versions = store.versions()?;
     let available = || {
@@ -408,14 +415,16 @@ pub fn rollback(
             }
         }
     };
-    if !store.is_intact(chosen, &names) {
+    let Some(names) =
+        names_for(target, chosen).filter(|_| store.is_intact(chosen, &target.name_sets()))
+    else {
         return Err(StoreError::Damaged {
             dest: target.dest.clone(),
             digest: chosen.digest.clone(),
             reason: "it does not hold the files the config asks for".into(),
         }
         .into());
-    }
+    };
     store.verify(chosen)?;
     let m = store.activate(chosen, &names)?;
     ensure_profile(settings, target, &m)?;

@@ -25,13 +25,13 @@ fn oras_artifact_files_are_taken_by_title_and_unwanted_ones_never_fetched() {
     let initramfs = fake_initramfs(502, 400_000);
     let readme = bytes(503, 200_000);
 
-    // The kernel travels gzip-compressed (+gzip: transport encoding), the initramfs as is
-    // (its own zstd is content), and a README nobody asked for.
+    // An artifact's file is its blob, byte for byte, whatever the media type says (`oras pull`
+    // writes it unchanged): a `+gzip` file stays gzip. And a README nobody asked for.
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &kernel).unwrap();
-    let kernel_gz = gz.finish().unwrap();
+    std::io::Write::write_all(&mut gz, b"release notes\n").unwrap();
+    let notes_gz = gz.finish().unwrap();
     let empty = b"{}".to_vec();
-    for blob in [&kernel_gz, &initramfs, &readme, &empty] {
+    for blob in [&kernel, &notes_gz, &initramfs, &readme, &empty] {
         reg.push_blob(REPO, blob);
     }
     let manifest = serde_json::to_vec(&json!({
@@ -40,7 +40,8 @@ fn oras_artifact_files_are_taken_by_title_and_unwanted_ones_never_fetched() {
         "artifactType": "application/vnd.example.talos.boot",
         "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": digest_of(&empty), "size": 2 },
         "layers": [
-            title_layer("application/vnd.example.kernel+gzip", &kernel_gz, "vmlinuz-arm64"),
+            title_layer("application/vnd.example.kernel", &kernel, "vmlinuz-arm64"),
+            title_layer("application/vnd.example.notes+gzip", &notes_gz, "notes.txt.gz"),
             title_layer("application/vnd.example.initramfs", &initramfs, "initramfs-arm64.xz"),
             title_layer("text/markdown", &readme, "README.md"),
         ],
@@ -58,7 +59,8 @@ fn oras_artifact_files_are_taken_by_title_and_unwanted_ones_never_fetched() {
     let reference = format!("{}/{REPO}:v1", reg.host());
     let target = TargetCfg::new("talos-arm64", &reference, &dest)
         .file("vmlinuz-arm64", "vmlinuz-arm64")
-        .file("initramfs-arm64.xz", "initramfs-arm64.xz");
+        .file("initramfs-arm64.xz", "initramfs-arm64.xz")
+        .file("notes.txt.gz", "notes.txt.gz");
     let config = work.config(&Config::new().registry(&reg.host()).target(target));
     work.sync_once(&config).assert_success();
 
@@ -77,7 +79,12 @@ fn oras_artifact_files_are_taken_by_title_and_unwanted_ones_never_fetched() {
         0,
         "the unwanted README was downloaded"
     );
-    assert_eq!(reg.blob_gets_of(REPO, &digest_of(&kernel_gz)), 1);
+    assert_eq!(
+        std::fs::read(version.join("notes.txt.gz")).unwrap(),
+        notes_gz,
+        "a +gzip artifact file was changed"
+    );
+    assert_eq!(reg.blob_gets_of(REPO, &digest_of(&kernel)), 1);
 }
 
 /// A minimal PE32+ EFI application with the given sections (what systemd's ukify makes).

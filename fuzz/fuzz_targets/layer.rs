@@ -26,12 +26,14 @@ fuzz_target!(|data: &[u8]| {
             is_dir: false,
             name: "vmlinuz".into(),
             kind: Kind::Raw,
+            uki: None,
         },
         FileSpec {
             source: "usr/install".into(),
             is_dir: true,
             name: "install".into(),
             kind: Kind::Raw,
+            uki: None,
         },
     ];
     let limits = Limits {

@@ -17,7 +17,7 @@ use std::str::FromStr;
 
 pub use initramfs::check_initramfs_with;
 pub use kernel::check_kernel_with;
-pub use uki::extract_uki_with;
+pub use uki::{extract_uki_with, UkiParts};
 // The default-limit forms serve the tests.
 #[cfg(test)]
 pub use {initramfs::check_initramfs, kernel::check_kernel, uki::extract_uki};

@@ -8,7 +8,7 @@ use std::path::Path;
 use super::pe::{self, Section};
 use super::{check_initramfs_with, check_kernel_with, CheckError, Limits, Verdict};
 
-/// A kernel command line is a few KB at most; more means a wrong section.
+/// A command line, os-release or uname is a few KB at most; more means a wrong section.
 const MAX_CMDLINE: u64 = 1 << 20;
 
 /// What came out of a UKI.
@@ -18,6 +18,28 @@ pub struct UkiParts {
     pub initramfs: Verdict,
     /// The `.cmdline` section as text, trailing NULs trimmed; empty when the UKI has none.
     pub cmdline: String,
+    /// The `.osrel` section (os-release format), when there is one.
+    pub osrel: Option<String>,
+    /// The `.uname` section (the kernel release), when there is one.
+    pub uname: Option<String>,
+}
+
+impl UkiParts {
+    /// What `.osrel` names the system: `PRETTY_NAME`, else `NAME VERSION_ID`.
+    pub fn os_release(&self) -> Option<String> {
+        let text = self.osrel.as_deref()?;
+        let field = |key: &str| {
+            text.lines().find_map(|l| {
+                let v = l.strip_prefix(key)?.strip_prefix('=')?;
+                let v = v.trim().trim_matches('"').trim_matches('\'').trim();
+                (!v.is_empty()).then(|| v.to_string())
+            })
+        };
+        field("PRETTY_NAME").or_else(|| match (field("NAME"), field("VERSION_ID")) {
+            (Some(n), Some(v)) => Some(format!("{n} {v}")),
+            (n, v) => n.or(v),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -78,9 +100,23 @@ pub fn extract_uki_with(
 
     copy_section(&mut file, &linux, kernel_out, "uki .linux section")?;
     copy_section(&mut file, &initrd, initrd_out, "uki .initrd section")?;
+    let osrel = info.section(".osrel").cloned();
+    let uname = info.section(".uname").cloned();
     let cmdline = match cmdline {
-        Some(s) => read_cmdline(&mut file, &s, len)?,
+        Some(s) => read_text(&mut file, &s, len, "uki .cmdline section")?,
         None => String::new(),
+    };
+    let osrel = match osrel {
+        Some(s) => Some(read_text(&mut file, &s, len, "uki .osrel section")?),
+        None => None,
+    };
+    let uname = match uname {
+        Some(s) => Some(
+            read_text(&mut file, &s, len, "uki .uname section")?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
     };
     std::fs::write(cmdline_out, cmdline.as_bytes())
         .map_err(|e| write_error("uki .cmdline section", cmdline_out, e))?;
@@ -97,6 +133,8 @@ pub fn extract_uki_with(
         kernel,
         initramfs,
         cmdline,
+        osrel,
+        uname,
     })
 }
 
@@ -141,32 +179,37 @@ fn copy_section(
     Ok(())
 }
 
-fn read_cmdline(file: &mut File, s: &Section, len: u64) -> Result<String, CheckError> {
-    const CHECK: &str = "uki .cmdline section";
-    pe::check_in_file(s, len, CHECK)?;
+/// A small text section (command line, os-release, uname), trailing NULs trimmed.
+fn read_text(
+    file: &mut File,
+    s: &Section,
+    len: u64,
+    check: &'static str,
+) -> Result<String, CheckError> {
+    pe::check_in_file(s, len, check)?;
     let (at, size) = s.file_range();
     if size > MAX_CMDLINE {
         return Err(CheckError::new(
-            CHECK,
+            check,
             at,
-            format!("{size} bytes: too large for a command line"),
+            format!("{size} bytes: too large for a text section"),
         ));
     }
     file.seek(SeekFrom::Start(at))
-        .map_err(|e| CheckError::new(CHECK, at, format!("seek: {e}")))?;
+        .map_err(|e| CheckError::new(check, at, format!("seek: {e}")))?;
     let mut bytes = Vec::new();
     (&mut *file)
         .take(size)
         .read_to_end(&mut bytes)
-        .map_err(|e| CheckError::new(CHECK, at, e.to_string()))?;
+        .map_err(|e| CheckError::new(check, at, e.to_string()))?;
     while bytes.last() == Some(&0) {
         bytes.pop();
     }
     String::from_utf8(bytes).map_err(|e| {
         CheckError::new(
-            CHECK,
+            check,
             at + e.utf8_error().valid_up_to() as u64,
-            "command line is not UTF-8 text",
+            "not UTF-8 text",
         )
     })
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 pub use crate::assets::Kind;
 
-pub use validate::{normalize_image_path, ConfigError};
+pub use validate::{normalize_image_path, parse_platform, preset, ConfigError, PRESETS};
 
 /// The default location of the config file.
 pub const DEFAULT_PATH: &str = "/etc/bootsync/bootsync.toml";
@@ -134,9 +134,37 @@ pub struct Target {
     pub reference: String,
     pub platform: Platform,
     pub dest: PathBuf,
-    pub files: Vec<FileSpec>,
+    /// What to take from the image: one layout, or (presets) several alternatives, such as a
+    /// Talos installer before and after v1.10. The first layout found complete going down the
+    /// layers is published; within one layer the earlier layout wins.
+    pub layouts: Vec<Layout>,
     pub hook: Option<Hook>,
     pub profile: Option<Profile>,
+}
+
+/// One way an image may hold a target's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub files: Vec<FileSpec>,
+}
+
+impl Layout {
+    /// The names this layout publishes at the top of a version.
+    pub fn outputs(&self) -> Vec<String> {
+        self.files.iter().flat_map(FileSpec::outputs).collect()
+    }
+}
+
+impl Target {
+    /// The published names of each layout, in config order.
+    pub fn name_sets(&self) -> Vec<Vec<String>> {
+        self.layouts.iter().map(Layout::outputs).collect()
+    }
+
+    /// Every file spec of every layout (for messages and checks that do not care which).
+    pub fn all_files(&self) -> impl Iterator<Item = &FileSpec> {
+        self.layouts.iter().flat_map(|l| &l.files)
+    }
 }
 
 /// A command run after each publish.
@@ -158,7 +186,9 @@ pub struct Profile {
     /// Used only when the profile file does not exist yet.
     pub template_id: String,
     pub template_name: String,
-    pub template_args: Vec<String>,
+    /// Kernel arguments: the template's when the profile is created; when the published
+    /// version comes from a UKI, they follow the UKI's command line (and win on conflict).
+    pub args: Vec<String>,
 }
 
 /// `os/arch[/variant]`, as in OCI index entries.
@@ -167,6 +197,68 @@ pub struct Platform {
     pub os: String,
     pub architecture: String,
     pub variant: Option<String>,
+}
+
+impl Platform {
+    /// The platform as containerd normalises it (github.com/containerd/platforms): `aarch64` is
+    /// `arm64`, `arm64/v8` is plain `arm64`, `x86_64` is `amd64`, `armhf` is `arm/v7`, and so on;
+    /// case is folded. Two platforms are the same when their normal forms are equal.
+    pub fn normalized(&self) -> Platform {
+        let os = self.os.to_ascii_lowercase();
+        let arch = self.architecture.to_ascii_lowercase();
+        let variant = self
+            .variant
+            .as_deref()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let (architecture, variant) = match arch.as_str() {
+            "i386" => ("386".to_string(), String::new()),
+            "x86_64" | "x86-64" | "amd64" => (
+                "amd64".to_string(),
+                if variant == "v1" {
+                    String::new()
+                } else {
+                    variant
+                },
+            ),
+            "aarch64" | "arm64" => (
+                "arm64".to_string(),
+                match variant.as_str() {
+                    "8" | "v8" | "v8.0" => String::new(),
+                    "9" | "9.0" | "v9.0" => "v9".to_string(),
+                    _ => variant,
+                },
+            ),
+            "armhf" => ("arm".to_string(), "v7".to_string()),
+            "armel" => ("arm".to_string(), "v6".to_string()),
+            "arm" => (
+                "arm".to_string(),
+                match variant.as_str() {
+                    "" | "7" => "v7".to_string(),
+                    "5" | "6" | "8" => format!("v{variant}"),
+                    _ => variant,
+                },
+            ),
+            _ => (arch, variant),
+        };
+        Platform {
+            os,
+            architecture,
+            variant: (!variant.is_empty()).then_some(variant),
+        }
+    }
+
+    /// Whether an index entry's platform is this one, after normalising both.
+    pub fn same_as(&self, other: &Platform) -> bool {
+        self.normalized() == other.normalized()
+    }
+
+    /// Same OS and architecture, whatever the variant (used when the config names no variant
+    /// and the index holds only variants other than the default).
+    pub fn same_arch(&self, other: &Platform) -> bool {
+        let (a, b) = (self.normalized(), other.normalized());
+        a.os == b.os && a.architecture == b.architecture
+    }
 }
 
 impl std::fmt::Display for Platform {
@@ -190,23 +282,49 @@ pub struct FileSpec {
     pub name: String,
     /// Which format check the file gets before it is published.
     pub kind: Kind,
+    /// For a UKI: the names of the parts it is split into, and whether it is published too.
+    pub uki: Option<UkiNames>,
 }
 
-impl FileSpec {
-    /// The names this spec publishes: its own, or for a UKI the three parts split out of it.
-    pub fn outputs(&self) -> Vec<String> {
-        match self.kind {
-            Kind::Uki => UKI_PARTS
-                .iter()
-                .map(|part| format!("{}.{part}", self.name))
-                .collect(),
-            _ => vec![self.name.clone()],
+/// What a UKI is published as: its kernel, initramfs and command line, split out for netboot,
+/// and optionally the UKI itself under the spec's name (for UEFI HTTP boot or iPXE `chain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UkiNames {
+    pub kernel: String,
+    pub initrd: String,
+    pub cmdline: String,
+    pub keep: bool,
+}
+
+impl UkiNames {
+    /// `<name>.vmlinuz`, `<name>.initramfs`, `<name>.cmdline`: the names a hand-written
+    /// `kind = "uki"` file gets.
+    pub fn after(name: &str) -> UkiNames {
+        UkiNames {
+            kernel: format!("{name}.vmlinuz"),
+            initrd: format!("{name}.initramfs"),
+            cmdline: format!("{name}.cmdline"),
+            keep: false,
         }
     }
 }
 
-/// What a UKI is split into: `<name>.vmlinuz`, `<name>.initramfs`, `<name>.cmdline`.
-pub const UKI_PARTS: [&str; 3] = ["vmlinuz", "initramfs", "cmdline"];
+impl FileSpec {
+    /// The names this spec publishes: its own, or for a UKI the parts split out of it (and the
+    /// UKI itself when kept).
+    pub fn outputs(&self) -> Vec<String> {
+        match (&self.uki, self.kind) {
+            (Some(u), Kind::Uki) => {
+                let mut names = vec![u.kernel.clone(), u.initrd.clone(), u.cmdline.clone()];
+                if u.keep {
+                    names.push(self.name.clone());
+                }
+                names
+            }
+            _ => vec![self.name.clone()],
+        }
+    }
+}
 
 impl Settings {
     /// Reads the config file and the drop-ins in `config.d/*.toml` beside it (in name order),

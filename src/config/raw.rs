@@ -56,6 +56,8 @@ pub struct RawTarget {
     pub platform: Option<String>,
     pub dest: Option<String>,
     pub preset: Option<String>,
+    /// Publish each UKI itself too, beside the parts split out of it.
+    pub publish_uki: Option<bool>,
     pub hook: Option<Vec<String>>,
     pub hook_timeout: Option<String>,
     pub profile: Option<RawProfile>,

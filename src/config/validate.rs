@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::raw::{RawConfig, RawFile, RawProfile, RawRegistry, RawTarget};
 use super::{
-    Backoff, FileSpec, Hook, Kind, Limits, Modes, Platform, Profile, RegistrySettings, Secret,
-    Settings, Target, Timeouts,
+    Backoff, FileSpec, Hook, Kind, Layout, Limits, Modes, Platform, Profile, RegistrySettings,
+    Secret, Settings, Target, Timeouts, UkiNames,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -307,34 +307,44 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         )
     })?;
 
-    let mut files = match t.preset.as_deref() {
-        None => Vec::new(),
+    let mut layouts = match t.preset.as_deref() {
+        None => vec![Layout { files: Vec::new() }],
         Some(p) => preset(p, &platform.architecture).ok_or_else(|| {
             cx.err(
                 key("preset"),
-                format!(
-                    "unknown preset {p:?} (known: talos-installer, talos-imager, cozystack, demo)"
-                ),
+                format!("unknown preset {p:?} (known: {})", PRESETS.join(", ")),
             )
         })?,
     };
+    let mut extra = Vec::new();
     for (j, f) in t.files.into_iter().enumerate() {
-        files.push(file_spec(
+        extra.push(file_spec(
             cx,
             &format!("target[{i}] ({name}).files[{j}]"),
             f,
         )?);
     }
-    if files.is_empty() {
+    let keep_uki = t.publish_uki.unwrap_or(false);
+    for layout in &mut layouts {
+        layout.files.extend(extra.iter().cloned());
+        for f in &mut layout.files {
+            if let Some(u) = &mut f.uki {
+                u.keep = keep_uki;
+            }
+        }
+    }
+    if layouts.iter().all(|l| l.files.is_empty()) {
         return Err(cx.err(
             key("files"),
             "no files to take: set `preset` or add [[target.files]]",
         ));
     }
-    let mut names = HashSet::new();
-    for f in files.iter().flat_map(FileSpec::outputs) {
-        if !names.insert(f.clone()) {
-            return Err(cx.err(key("files"), format!("two files are published as {f:?}")));
+    for layout in &layouts {
+        let mut names = HashSet::new();
+        for f in layout.outputs() {
+            if !names.insert(f.clone()) {
+                return Err(cx.err(key("files"), format!("two files are published as {f:?}")));
+            }
         }
     }
 
@@ -357,7 +367,7 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
             cx,
             &key("profile"),
             p,
-            (&name, &files, t.preset.as_deref(), &platform),
+            (&name, &layouts),
             (&dest, assets_root),
         )?),
     };
@@ -367,7 +377,7 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         reference: reference.whole(),
         platform,
         dest,
-        files,
+        layouts,
         hook,
         profile,
     })
@@ -417,11 +427,13 @@ fn file_spec(cx: &Ctx, key: &str, f: RawFile) -> Result<FileSpec, ConfigError> {
             "a source_dir is copied as is: only kind = \"raw\"",
         ));
     }
+    let uki = (kind == Kind::Uki).then(|| UkiNames::after(&name));
     Ok(FileSpec {
         source: normalised,
         is_dir,
         name,
         kind,
+        uki,
     })
 }
 
@@ -440,45 +452,92 @@ fn infer_kind(source: &str, name: &str) -> Kind {
     }
 }
 
-/// The file sets of the common image layouts (see README, "Presets").
-fn preset(name: &str, arch: &str) -> Option<Vec<FileSpec>> {
+/// The presets `preset` accepts.
+pub const PRESETS: &[&str] = &["talos-installer", "talos-imager", "demo", "cozystack"];
+
+/// The layouts of the common images (see README, "Presets"). Each layout of a preset publishes
+/// the kernel and the initramfs under the same names, so a profile and the stable links stay
+/// the same when an image moves from one layout to the other (Talos v1.9 to v1.10).
+pub fn preset(name: &str, arch: &str) -> Option<Vec<Layout>> {
     let file = |source: String, name: String, kind: Kind| FileSpec {
         source,
         is_dir: false,
         name,
         kind,
+        uki: None,
     };
-    let (dir, kernel, initrd) = match name {
-        "talos-installer" | "talos-imager" => (
-            format!("usr/install/{arch}"),
-            format!("vmlinuz-{arch}"),
-            format!("initramfs-{arch}.xz"),
-        ),
-        "demo" => (
-            format!("assets/talos/{arch}"),
-            format!("vmlinuz-{arch}"),
-            format!("initramfs-{arch}.xz"),
-        ),
-        "cozystack" => (
-            "var/lib/matchbox/assets".to_string(),
-            "vmlinuz".to_string(),
-            "initramfs.xz".to_string(),
-        ),
+    let (kernel, initrd) = match name {
+        "cozystack" => ("vmlinuz".to_string(), "initramfs.xz".to_string()),
+        _ => (format!("vmlinuz-{arch}"), format!("initramfs-{arch}.xz")),
+    };
+    let split = |dir: &str| Layout {
+        files: vec![
+            file(format!("{dir}/vmlinuz"), kernel.clone(), Kind::Kernel),
+            file(
+                format!("{dir}/initramfs.xz"),
+                initrd.clone(),
+                Kind::Initramfs,
+            ),
+        ],
+    };
+    // Talos >= v1.10 installers ship only a UKI: split it into the same two names.
+    let uki = |dir: &str| Layout {
+        files: vec![FileSpec {
+            source: format!("{dir}/vmlinuz.efi"),
+            is_dir: false,
+            name: format!("{kernel}.efi"),
+            kind: Kind::Uki,
+            uki: Some(UkiNames {
+                kernel: kernel.clone(),
+                initrd: initrd.clone(),
+                cmdline: kernel.replacen("vmlinuz", "cmdline", 1),
+                keep: false,
+            }),
+        }],
+    };
+    Some(match name {
+        "talos-installer" | "talos-imager" => {
+            let dir = format!("usr/install/{arch}");
+            vec![split(&dir), uki(&dir)]
+        }
+        "demo" => vec![
+            split(&format!("assets/talos/{arch}")),
+            split(&format!("assets/talos/{arch}/boot")),
+            uki(&format!("usr/install/{arch}")),
+        ],
+        "cozystack" => vec![split("var/lib/matchbox/assets")],
         _ => return None,
-    };
-    Some(vec![
-        file(format!("{dir}/vmlinuz"), kernel, Kind::Kernel),
-        file(format!("{dir}/initramfs.xz"), initrd, Kind::Initramfs),
-    ])
+    })
 }
 
-type TargetParts<'a> = (&'a str, &'a [FileSpec], Option<&'a str>, &'a Platform);
+type TargetParts<'a> = (&'a str, &'a [Layout]);
+
+/// The kernel and initramfs a profile names when the config does not say: the parts of the one
+/// UKI, else the one kernel and the initramfs files, of the first layout (presets give every
+/// layout the same names).
+fn default_boot_files(layouts: &[Layout]) -> Option<(String, Vec<String>)> {
+    let files = &layouts.first()?.files;
+    let ukis: Vec<&UkiNames> = files.iter().filter_map(|f| f.uki.as_ref()).collect();
+    if let [u] = ukis.as_slice() {
+        return Some((u.kernel.clone(), vec![u.initrd.clone()]));
+    }
+    let kernels: Vec<&FileSpec> = files.iter().filter(|f| f.kind == Kind::Kernel).collect();
+    let initrds: Vec<String> = files
+        .iter()
+        .filter(|f| f.kind == Kind::Initramfs)
+        .map(|f| f.name.clone())
+        .collect();
+    match (kernels.as_slice(), initrds.is_empty()) {
+        ([k], false) if ukis.is_empty() => Some((k.name.clone(), initrds)),
+        _ => None,
+    }
+}
 
 fn profile(
     cx: &Ctx,
     key: &str,
     p: RawProfile,
-    (target_name, files, preset, platform): TargetParts,
+    (target_name, layouts): TargetParts,
     (dest, assets_root): (&Path, &Path),
 ) -> Result<Profile, ConfigError> {
     let k = |sub: &str| format!("{key}.{sub}");
@@ -500,26 +559,31 @@ fn profile(
             }
         },
     };
-    // Presets know which file is which; otherwise the config must say.
-    let preset_files = preset.and_then(|pr| self::preset(pr, &platform.architecture));
-    let kernel = match (p.kernel, &preset_files) {
+    let defaults = default_boot_files(layouts);
+    let kernel = match (p.kernel, &defaults) {
         (Some(k), _) => k,
-        (None, Some(pf)) => pf[0].name.clone(),
+        (None, Some((kernel, _))) => kernel.clone(),
         (None, None) => return Err(cx.err(k("kernel"), "missing: name the published kernel file")),
     };
-    let initrd = match (p.initrd, &preset_files) {
+    let initrd = match (p.initrd, &defaults) {
         (Some(i), _) => i,
-        (None, Some(pf)) => vec![pf[1].name.clone()],
+        (None, Some((_, initrd))) => initrd.clone(),
         (None, None) => {
             return Err(cx.err(k("initrd"), "missing: name the published initramfs file(s)"))
         }
     };
-    for n in std::iter::once(&kernel).chain(&initrd) {
-        if !files.iter().any(|f| !f.is_dir && f.outputs().contains(n)) {
-            return Err(cx.err(
-                k("kernel"),
-                format!("{n:?} is not one of this target's published files"),
-            ));
+    for layout in layouts {
+        for n in std::iter::once(&kernel).chain(&initrd) {
+            if !layout
+                .files
+                .iter()
+                .any(|f| !f.is_dir && f.outputs().contains(n))
+            {
+                return Err(cx.err(
+                    k("kernel"),
+                    format!("{n:?} is not one of this target's published files"),
+                ));
+            }
         }
     }
     let default_id = path
@@ -533,7 +597,7 @@ fn profile(
         initrd,
         template_id: p.id.unwrap_or(default_id),
         template_name: p.name.unwrap_or_else(|| target_name.to_string()),
-        template_args: p.args.unwrap_or_default(),
+        args: p.args.unwrap_or_default(),
     })
 }
 
@@ -704,22 +768,33 @@ preset = "demo"
             "ghcr.io/urmanac/talos-cozystack-demo:demo-stable"
         );
         assert_eq!(
-            t.files,
+            t.layouts[0].files,
             vec![
                 FileSpec {
                     source: "assets/talos/arm64/vmlinuz".into(),
                     is_dir: false,
                     name: "vmlinuz-arm64".into(),
                     kind: Kind::Kernel,
+                    uki: None,
                 },
                 FileSpec {
                     source: "assets/talos/arm64/initramfs.xz".into(),
                     is_dir: false,
                     name: "initramfs-arm64.xz".into(),
                     kind: Kind::Initramfs,
+                    uki: None,
                 },
             ]
         );
+        // the demo images have been seen in three layouts; each publishes the same names
+        assert_eq!(t.layouts.len(), 3);
+        for names in t.name_sets() {
+            assert!(names.contains(&"vmlinuz-arm64".to_string()), "{names:?}");
+            assert!(
+                names.contains(&"initramfs-arm64.xz".to_string()),
+                "{names:?}"
+            );
+        }
     }
 
     #[test]
@@ -809,8 +884,8 @@ preset = "demo"
             "{base}[[target.files]]\nsource = \"/./usr//install/k\"\n"
         ))
         .unwrap();
-        assert_eq!(s.targets[0].files[0].source, "usr/install/k");
-        assert_eq!(s.targets[0].files[0].name, "k");
+        assert_eq!(s.targets[0].layouts[0].files[0].source, "usr/install/k");
+        assert_eq!(s.targets[0].layouts[0].files[0].name, "k");
     }
 
     #[test]
@@ -845,7 +920,11 @@ preset = "demo"
              [[target.files]]\nsource = \"a/boot.cfg\"\n[[target.files]]\nsource = \"a/x\"\nname = \"k\"\nkind = \"kernel\"\n"
         ))
         .unwrap();
-        let kinds: Vec<Kind> = s.targets[0].files.iter().map(|f| f.kind).collect();
+        let kinds: Vec<Kind> = s.targets[0].layouts[0]
+            .files
+            .iter()
+            .map(|f| f.kind)
+            .collect();
         assert_eq!(
             kinds,
             [Kind::Kernel, Kind::Initramfs, Kind::Raw, Kind::Kernel]
@@ -853,7 +932,7 @@ preset = "demo"
 
         let s = parse(&format!("{base}[[target.files]]\nsource = \"usr/install/arm64/vmlinuz.efi\"\nname = \"talos\"\nkind = \"uki\"\n")).unwrap();
         assert_eq!(
-            s.targets[0].files[0].outputs(),
+            s.targets[0].layouts[0].files[0].outputs(),
             ["talos.vmlinuz", "talos.initramfs", "talos.cmdline"]
         );
         // a UKI named like a kernel is not guessed to be a plain kernel
@@ -861,7 +940,7 @@ preset = "demo"
             "{base}[[target.files]]\nsource = \"usr/install/arm64/vmlinuz.efi\"\n"
         ))
         .unwrap();
-        assert_eq!(s.targets[0].files[0].kind, Kind::Raw);
+        assert_eq!(s.targets[0].layouts[0].files[0].kind, Kind::Raw);
 
         assert!(err(&format!(
             "{base}[[target.files]]\nsource = \"a\"\nkind = \"elf\"\n"
@@ -871,6 +950,48 @@ preset = "demo"
             "{base}[[target.files]]\nsource_dir = \"a\"\nkind = \"kernel\"\n"
         ))
         .contains("only kind"));
+    }
+
+    #[test]
+    fn talos_installer_takes_both_layouts_and_the_profile_follows_the_uki() {
+        let text = MINIMAL.replace(
+            "preset = \"demo\"",
+            "preset = \"talos-installer\"\npublish_uki = true",
+        );
+        let s = parse(&format!(
+            "{text}[target.profile]\npath = \"/var/lib/matchbox/profiles/t.json\"\n"
+        ))
+        .unwrap();
+        let t = &s.targets[0];
+        assert_eq!(
+            t.name_sets(),
+            [
+                vec![
+                    "vmlinuz-arm64".to_string(),
+                    "initramfs-arm64.xz".to_string()
+                ],
+                vec![
+                    "vmlinuz-arm64".to_string(),
+                    "initramfs-arm64.xz".to_string(),
+                    "cmdline-arm64".to_string(),
+                    "vmlinuz-arm64.efi".to_string()
+                ]
+            ]
+        );
+        assert_eq!(
+            t.layouts[1].files[0].source,
+            "usr/install/arm64/vmlinuz.efi"
+        );
+        let p = t.profile.as_ref().unwrap();
+        assert_eq!(p.kernel, "vmlinuz-arm64");
+        // a hand-written UKI: the profile takes its parts without being told
+        let base = "[[target]]\nname = \"t\"\nreference = \"r.example/a:b\"\ndest = \"/srv/a\"\n";
+        let s = parse(&format!("{base}[[target.files]]\nsource = \"v.efi\"\nname = \"talos\"\nkind = \"uki\"\n[target.profile]\npath = \"/p/x.json\"\nurl_prefix = \"/assets/a\"\n")).unwrap();
+        let p = s.targets[0].profile.as_ref().unwrap();
+        assert_eq!(
+            (p.kernel.as_str(), p.initrd.as_slice()),
+            ("talos.vmlinuz", &["talos.initramfs".to_string()][..])
+        );
     }
 
     #[test]

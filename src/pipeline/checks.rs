@@ -1,0 +1,134 @@
+//! The last step before a version is committed: every kernel and initramfs checked by its real
+//! format, every UKI split into its parts (each checked), so nothing that would not boot is
+//! published.
+
+use std::fs;
+use std::io::BufReader;
+use std::path::Path;
+
+use crate::assets::Kind;
+use crate::config::{FileSpec, Limits, Modes};
+use crate::store::{BootInfo, FileRecord};
+
+use super::PipelineError;
+
+const READ_BUFFER: usize = 256 * 1024;
+
+/// Where a UKI waits in staging until it is split, when it is not published itself (a dot
+/// name: never served).
+pub(crate) fn uki_staging_name(spec: &FileSpec) -> String {
+    match &spec.uki {
+        Some(u) if u.keep => spec.name.clone(),
+        _ => format!(".uki-{}", spec.name),
+    }
+}
+
+/// Checks one kernel or initramfs in staging by its real format.
+fn check_file(
+    name: &str,
+    kind: Kind,
+    staging: &Path,
+    limits: &crate::assets::Limits,
+) -> Result<(), PipelineError> {
+    let path = staging.join(name);
+    let open_err = |source| PipelineError::Write {
+        path: path.clone(),
+        source,
+    };
+    let failed = |source| PipelineError::Check {
+        file: name.to_string(),
+        kind,
+        source,
+    };
+    let file = fs::File::open(&path).map_err(open_err)?;
+    let verdict = if kind == Kind::Kernel {
+        let len = file.metadata().map_err(open_err)?.len();
+        crate::assets::check_kernel_with(BufReader::new(file), len, limits).map_err(failed)?
+    } else {
+        crate::assets::check_initramfs_with(BufReader::with_capacity(READ_BUFFER, file), limits)
+            .map_err(failed)?
+    };
+    tracing::info!(file = %name, "{kind}: {verdict}");
+    Ok(())
+}
+
+/// Checks every kernel and initramfs of `files` (the chosen layout) and splits its UKIs; returns
+/// the records of what is published, and what the first UKI said about itself.
+pub(crate) fn check_and_split(
+    files: &[FileSpec],
+    staging: &Path,
+    mut records: Vec<FileRecord>,
+    modes: &Modes,
+    limits: &Limits,
+) -> Result<(Vec<FileRecord>, Option<BootInfo>), PipelineError> {
+    // A file check may decompress up to the largest file allowed; more is a bomb.
+    let check_limits = crate::assets::Limits {
+        max_decompressed: limits.max_file,
+    };
+    let open_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PipelineError::Write { path, source }
+    };
+    // The checks read back what was just written (from the page cache); each file gets its own
+    // thread, so on two cores the kernel and the initramfs are checked side by side.
+    std::thread::scope(|scope| {
+        let checks: Vec<_> = files
+            .iter()
+            .filter(|f| !f.is_dir && matches!(f.kind, Kind::Kernel | Kind::Initramfs))
+            .map(|spec| {
+                scope.spawn(move || check_file(&spec.name, spec.kind, staging, &check_limits))
+            })
+            .collect();
+        for check in checks {
+            check
+                .join()
+                .map_err(|_| PipelineError::Join("a format check panicked".into()))??;
+        }
+        Ok::<(), PipelineError>(())
+    })?;
+    let mut boot = None;
+    for spec in files.iter().filter(|f| !f.is_dir) {
+        let Some(names) = spec.uki.as_ref().filter(|_| spec.kind == Kind::Uki) else {
+            continue;
+        };
+        let uki = staging.join(uki_staging_name(spec));
+        let [kernel, initrd, cmdline] =
+            [&names.kernel, &names.initrd, &names.cmdline].map(|n| staging.join(n));
+        let parts =
+            crate::assets::extract_uki_with(&uki, &kernel, &initrd, &cmdline, &check_limits)
+                .map_err(|source| PipelineError::Check {
+                    file: spec.name.clone(),
+                    kind: spec.kind,
+                    source,
+                })?;
+        tracing::info!(file = %spec.name, os = ?parts.os_release(), "UKI: kernel {}, {}, cmdline {:?}", parts.kernel, parts.initramfs, parts.cmdline);
+        if !names.keep {
+            fs::remove_file(&uki).map_err(open_err(&uki))?;
+            records.retain(|r| r.name != uki_staging_name(spec));
+        }
+        for (name, section) in [
+            (&names.kernel, ".linux"),
+            (&names.initrd, ".initrd"),
+            (&names.cmdline, ".cmdline"),
+        ] {
+            let path = staging.join(name);
+            let file = fs::File::open(&path).map_err(open_err(&path))?;
+            crate::store::apply_file_modes(&file, modes).map_err(open_err(&path))?;
+            file.sync_all().map_err(open_err(&path))?;
+            let (size, sha256) = crate::store::hash_file(&path).map_err(open_err(&path))?;
+            records.push(FileRecord {
+                name: name.clone(),
+                size,
+                sha256,
+                source: format!("{}#{section}", spec.source),
+            });
+        }
+        boot.get_or_insert(BootInfo {
+            kernel: names.kernel.clone(),
+            os_release: parts.os_release(),
+            kernel_release: parts.uname.clone(),
+            cmdline: parts.cmdline,
+        });
+    }
+    Ok((records, boot))
+}

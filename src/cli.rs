@@ -76,6 +76,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Talk plain HTTP to the registry (a local registry or mirror without TLS).
+        #[arg(long)]
+        insecure: bool,
     },
     /// Show the daemon's status (from its `/status`).
     Status {
@@ -126,9 +129,17 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         reference,
         platform,
         json,
+        insecure,
     } = &cli.command
     {
-        return inspect(&cli.config, reference, platform.as_deref(), *json).await;
+        return inspect(
+            &cli.config,
+            reference,
+            platform.as_deref(),
+            *json,
+            *insecure,
+        )
+        .await;
     }
     let settings = match Settings::load(&cli.config) {
         Ok(s) => s,
@@ -278,13 +289,35 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
                             target.name, plan.manifest_digest
                         )
                     }
-                    PlanAction::Download(layers) => {
-                        println!(
-                            "{}: would publish {} (tag {}); layers, top first, read until every file is found:",
-                            target.name, plan.manifest_digest, plan.tag_digest
-                        );
-                        for (digest, size) in layers {
-                            println!("  {digest}  {:.1} MB", size as f64 / 1e6);
+                    PlanAction::Download {
+                        layers,
+                        problems,
+                        known,
+                    } => {
+                        if problems.is_empty() {
+                            println!(
+                                "{}: would download {} (tag {}) and publish it once its files are found and checked",
+                                target.name, plan.manifest_digest, plan.tag_digest
+                            );
+                        } else {
+                            println!(
+                                "{}: would fail to publish {} (tag {}): {}",
+                                target.name,
+                                plan.manifest_digest,
+                                plan.tag_digest,
+                                daemon::printable(&problems.join("; "))
+                            );
+                            failed = true;
+                        }
+                        if !known {
+                            println!("  which layers hold the files is known only once they are read; layers, top first, read until a layout is complete:");
+                        }
+                        for (digest, size, note) in layers {
+                            println!(
+                                "  {digest}  {:.1} MB  {}",
+                                size as f64 / 1e6,
+                                daemon::printable(&note)
+                            );
                         }
                     }
                 }
@@ -429,6 +462,7 @@ async fn inspect(
     reference: &str,
     platform: Option<&str>,
     json: bool,
+    insecure: bool,
 ) -> Result<ExitCode> {
     // A config is optional here: without one, registries are reached over HTTPS, anonymously.
     let settings = match Settings::load(config_path) {
@@ -448,9 +482,10 @@ async fn inspect(
     } else {
         None
     };
-    let report = crate::inspect::inspect(reference, platform, settings.as_ref(), observer)
-        .await
-        .with_context(|| format!("inspecting {reference}"))?;
+    let report =
+        crate::inspect::inspect(reference, platform, settings.as_ref(), insecure, observer)
+            .await
+            .with_context(|| format!("inspecting {reference}"))?;
     if json {
         println!(
             "{}",

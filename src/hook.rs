@@ -53,6 +53,12 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
         ("BOOTSYNC_FILES".into(), files.join("\n")),
     ];
     env.extend(per_file);
+    if let Some(boot) = &m.boot {
+        env.push(("BOOTSYNC_CMDLINE".into(), boot.cmdline.clone()));
+        if let Some(os) = &boot.os_release {
+            env.push(("BOOTSYNC_OS_RELEASE".into(), os.clone()));
+        }
+    }
     env
 }
 

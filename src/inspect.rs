@@ -103,6 +103,7 @@ pub async fn inspect(
     reference_text: &str,
     platform: Option<&str>,
     settings: Option<&Settings>,
+    insecure: bool,
     observer: Option<Arc<dyn Observer>>,
 ) -> Result<Report, InspectError> {
     let reference: Reference = reference_text
@@ -112,7 +113,7 @@ pub async fn inspect(
             reason: e.to_string(),
         })?;
     let host = reference.resolve_registry().to_string();
-    let (registry_settings, timeouts, limits, docker_config) = match settings {
+    let (mut registry_settings, timeouts, limits, docker_config) = match settings {
         Some(s) => (
             s.registry(&host),
             s.timeouts,
@@ -133,6 +134,7 @@ pub async fn inspect(
             None,
         ),
     };
+    registry_settings.insecure |= insecure;
     let credentials = Credentials::from_settings(&registry_settings, docker_config.as_deref())?;
     let registry = Registry::connect(&reference, &registry_settings, credentials, timeouts)?
         .with_observer(observer);

@@ -31,6 +31,9 @@ pub struct Published {
     pub tag_digest: String,
     pub published_at: String,
     pub files: Vec<PublishedFile>,
+    /// What the UKI the boot files came from said about itself (Talos version, command line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<crate::store::BootInfo>,
 }
 
 impl From<&VersionManifest> for Published {
@@ -48,6 +51,7 @@ impl From<&VersionManifest> for Published {
                     sha256: f.sha256.clone(),
                 })
                 .collect(),
+            boot: m.boot.clone(),
         }
     }
 }

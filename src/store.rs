@@ -601,6 +601,16 @@ fn published_time(m: &VersionManifest) -> SystemTime {
     humantime::parse_rfc3339(&m.published_at).unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// Bytes free on the filesystem that holds (or would hold) `path`: its nearest existing
+/// ancestor is asked, so nothing is created.
+pub fn free_space(path: &Path) -> io::Result<u64> {
+    let mut at = path;
+    while !at.exists() {
+        at = at.parent().unwrap_or(Path::new("/"));
+    }
+    free_bytes(at)
+}
+
 /// Bytes available to an unprivileged writer on the filesystem holding `path`.
 fn free_bytes(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -448,8 +448,15 @@ pub enum PlanAction {
     UpToDate,
     Pinned(String),
     Reactivate,
-    /// Layers top first, with sizes: downloaded in this order until every file is found.
-    Download(Vec<(String, u64)>),
+    /// A download. `layers`, top first, with what their descriptors say, are read in this
+    /// order until a layout is complete.
+    Download {
+        layers: Vec<(String, u64, String)>,
+        /// Failures certain before a byte is read: the sync would fail with these.
+        problems: Vec<String>,
+        /// Whether the layers are artifact files, so what they hold is known already.
+        known: bool,
+    },
 }
 
 pub async fn plan_target(cx: &Context, target: &Target) -> Result<Plan, SyncError> {
@@ -477,14 +484,28 @@ pub async fn plan_target(cx: &Context, target: &Target) -> Result<Plan, SyncErro
     {
         PlanAction::Reactivate
     } else {
-        PlanAction::Download(
-            image
-                .layers
-                .iter()
-                .rev()
-                .map(|l| (l.digest.clone(), l.size))
-                .collect(),
-        )
+        let preview = pipeline::preview(&image.layers, &target.layouts, &cx.settings.limits);
+        let mut problems = preview.problems;
+        // The same space check the sync makes before it downloads.
+        let current_size = current
+            .iter()
+            .flat_map(|c| &c.files)
+            .fold(0u64, |sum, f| sum.saturating_add(f.size));
+        let top = image.layers.last().map_or(0, |l| l.size);
+        let needed = current_size.max(top);
+        let needed = needed.saturating_add(needed / 10);
+        match store::free_space(&target.dest) {
+            Ok(free) if free < needed => problems.push(format!(
+                "{}: only {free} bytes free, about {needed} needed",
+                target.dest.display()
+            )),
+            _ => {}
+        }
+        PlanAction::Download {
+            layers: preview.layers,
+            problems,
+            known: preview.known,
+        }
     };
     Ok(Plan {
         tag_digest,

@@ -2404,7 +2404,7 @@ fn dry_run_lists_layers_and_writes_nothing() {
     out.assert_success();
     let text = &out.stdout;
     assert!(
-        text.contains(&format!("would publish {} (tag {index})", v1.digest)),
+        text.contains(&format!("would download {} (tag {index})", v1.digest)),
         "{}",
         out.describe()
     );
@@ -2443,7 +2443,7 @@ fn dry_run_lists_layers_and_writes_nothing() {
     out.assert_success();
     assert!(
         out.stdout
-            .contains(&format!("would publish {} (tag {index2})", v2.digest)),
+            .contains(&format!("would download {} (tag {index2})", v2.digest)),
         "{}",
         out.describe()
     );

@@ -309,7 +309,7 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
 
     let mut layouts = match t.preset.as_deref() {
         None => vec![Layout { files: Vec::new() }],
-        Some(p) => preset(p, &platform.architecture).ok_or_else(|| {
+        Some(p) => preset(p, &platform.normalized().architecture).ok_or_else(|| {
             cx.err(
                 key("preset"),
                 format!("unknown preset {p:?} (known: {})", PRESETS.join(", ")),

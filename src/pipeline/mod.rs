@@ -238,6 +238,89 @@ pub async fn find_candidates(
         .await
 }
 
+/// What a sync of these layers would do, known without reading any (the dry run).
+#[derive(Debug)]
+pub struct Preview {
+    /// Top first: digest, size, and what the descriptor says of the layer.
+    pub layers: Vec<(String, u64, String)>,
+    /// Failures certain before a byte is read (an unreadable top layer, a cap, an artifact
+    /// that does not hold the files).
+    pub problems: Vec<String>,
+    /// Whether the layers are all artifact files, so that what they hold is known.
+    pub known: bool,
+}
+
+/// Previews a sync of `layers` (bottom first) for `layouts`.
+pub fn preview(layers: &[Descriptor], layouts: &[Layout], limits: &Limits) -> Preview {
+    let staging = Path::new("/nonexistent");
+    let modes = Modes::default();
+    let Ok(run) = Run::new(layers, layouts, staging, &modes, limits) else {
+        return Preview {
+            layers: Vec::new(),
+            problems: vec!["internal: cannot plan".into()],
+            known: false,
+        };
+    };
+    let below = |title: &str| {
+        run.queries.iter().any(|q| {
+            q.source
+                .strip_prefix(title)
+                .is_some_and(|r| r.starts_with('/'))
+        })
+    };
+    let mut out = Preview {
+        layers: Vec::new(),
+        problems: Vec::new(),
+        known: true,
+    };
+    let mut indexes = Vec::new();
+    let mut first_read = true;
+    for desc in &run.layers {
+        let note = match layer::layer_kind(desc, &below) {
+            Ok(LayerKind::File { path }) => {
+                let wanted = run.queries.iter().any(|q| q.source == path);
+                let mut index = LayerIndex::default();
+                index.add(&path, Node::File { size: desc.size });
+                indexes.push(index);
+                if wanted {
+                    format!("artifact file {path}: wanted")
+                } else {
+                    format!("artifact file {path}: not wanted, never downloaded")
+                }
+            }
+            Ok(LayerKind::Tar { compression, .. }) => {
+                out.known = false;
+                if first_read && desc.size > limits.max_download {
+                    out.problems.push(format!(
+                        "layer {} alone ({} bytes) is larger than max_download_size ({} bytes)",
+                        desc.digest, desc.size, limits.max_download
+                    ));
+                }
+                first_read = false;
+                format!("tar ({compression:?})").to_lowercase()
+            }
+            Err(e) => {
+                out.known = false;
+                if first_read {
+                    out.problems
+                        .push(format!("the top layer cannot be read: {e}"));
+                }
+                first_read = false;
+                format!("{e}: a sync that must read this layer fails")
+            }
+        };
+        out.layers.push((desc.digest.clone(), desc.size, note));
+    }
+    if out.known {
+        let refs: Vec<&LayerIndex> = indexes.iter().collect();
+        let view = View::new(&refs, true);
+        if !matches!(run.decide(&view), Decision::Chosen(_)) {
+            out.problems.push(run.not_found(&view).to_string());
+        }
+    }
+    out
+}
+
 /// Unpacks `blob` as the only layer of an image into `staging`: the same walk, resolution and
 /// checks as a sync, without a registry. Returns the files written. Used by the fuzz targets.
 pub fn unpack_single_layer(
@@ -592,6 +675,8 @@ struct Run<'a> {
     modes: &'a Modes,
     limits: &'a Limits,
     downloaded: u64,
+    /// How each layer read so far was taken (a later read must take it the same way).
+    kinds: HashMap<usize, LayerKind>,
 }
 
 impl<'a> Run<'a> {
@@ -622,6 +707,7 @@ impl<'a> Run<'a> {
             modes,
             limits,
             downloaded: 0,
+            kinds: HashMap::new(),
         })
     }
 
@@ -670,6 +756,7 @@ impl<'a> Run<'a> {
                         .any(|p| p.strip_prefix(title).is_some_and(|r| r.starts_with('/')))
             };
             let kind = layer::layer_kind(desc, &below)?;
+            self.kinds.insert(at, kind.clone());
             let title = desc
                 .annotations
                 .get(layer::TITLE)
@@ -742,7 +829,10 @@ impl<'a> Run<'a> {
         again.sort_by_key(|(at, _)| *at);
         for (at, wanted) in again {
             let desc = self.layers[at];
-            let kind = layer::layer_kind(desc, &|_| true)?;
+            let kind = match self.kinds.get(&at) {
+                Some(k) => k.clone(),
+                None => layer::layer_kind(desc, &|_| false)?,
+            };
             self.count_download(desc)?;
             let mut names: Vec<&String> = wanted.iter().collect();
             names.sort();
@@ -1155,7 +1245,7 @@ pub(crate) fn looks_like_boot_file(path: &str) -> bool {
     .iter()
     .any(|w| base.starts_with(w))
         || base == "image"
-        || (base.ends_with(".efi") && !base.starts_with("systemd-boot"))
+        || base.ends_with(".efi")
 }
 
 /// The `kind` a config would give `path`, when its name does not say.

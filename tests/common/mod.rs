@@ -11,6 +11,7 @@ pub mod http;
 pub mod image;
 pub mod metrics;
 pub mod nginx;
+pub mod producers;
 pub mod proxy;
 pub mod rawimage;
 pub mod rawtar;

@@ -16,6 +16,8 @@
 //! request it delays (no coordinated omission). Printed: p50, p99 and max latency during the
 //! re-verify and idle, their ratio, and how long the re-verify took. Medians over rounds.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;

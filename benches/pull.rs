@@ -30,6 +30,8 @@
 //! The registry's access log tells which blobs (a) fetched. Results go to stdout as Markdown.
 //! `BOOTSYNC_BENCH_SCALE` (default 1) scales every size, for quick runs.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 #[path = "../tests/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;

@@ -8,11 +8,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use oci_client::Reference;
 use serde::Serialize;
 
-use crate::assets::Kind;
+use crate::bootfile::Kind;
 use crate::config::{Limits, Platform, RegistrySettings, Settings, Timeouts};
+use crate::digest::Digest;
 use crate::pipeline::{self, Candidate, PipelineError};
 use crate::registry::{Credentials, Observer, Registry, RegistryError};
 
@@ -38,12 +38,12 @@ pub enum InspectError {
 pub struct Report {
     pub reference: String,
     /// What the reference resolved to.
-    pub digest: String,
+    pub digest: Digest,
     /// The platforms the index offers (empty for a single-platform image).
     pub platforms: Vec<String>,
     pub platform: String,
     /// The chosen image manifest.
-    pub manifest: String,
+    pub manifest: Digest,
     pub layers: Vec<LayerInfo>,
     pub candidates: Vec<CandidateInfo>,
     /// A `[[target]]` for the config that syncs this image, or why none could be made.
@@ -52,7 +52,7 @@ pub struct Report {
 
 #[derive(Debug, Serialize)]
 pub struct LayerInfo {
-    pub digest: String,
+    pub digest: Digest,
     pub media_type: String,
     pub size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -106,12 +106,12 @@ pub async fn inspect(
     insecure: bool,
     observer: Option<Arc<dyn Observer>>,
 ) -> Result<Report, InspectError> {
-    let reference: Reference = reference_text
-        .parse()
-        .map_err(|e: oci_client::ParseError| InspectError::Reference {
+    let reference = crate::reference::parse_reference(reference_text).map_err(|reason| {
+        InspectError::Reference {
             reference: reference_text.to_string(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        }
+    })?;
     let host = reference.resolve_registry().to_string();
     let (mut registry_settings, timeouts, limits, docker_config) = match settings {
         Some(s) => (
@@ -216,9 +216,7 @@ fn check(c: Candidate, scratch: &Path, i: usize, limits: &Limits) -> CandidateIn
     let Some(file) = c.staged else {
         return info;
     };
-    let check_limits = crate::assets::Limits {
-        max_decompressed: limits.max_file,
-    };
+    let check_limits = limits.check();
     let base = c
         .path
         .rsplit('/')
@@ -237,7 +235,7 @@ fn check(c: Candidate, scratch: &Path, i: usize, limits: &Limits) -> CandidateIn
         let result = match kind {
             Kind::Uki => {
                 let part = |p: &str| scratch.join(format!("c{i}.{p}"));
-                crate::assets::extract_uki_with(
+                crate::bootfile::extract_uki_with(
                     &file,
                     &part("linux"),
                     &part("initrd"),
@@ -264,23 +262,27 @@ fn check(c: Candidate, scratch: &Path, i: usize, limits: &Limits) -> CandidateIn
             }
             Kind::Kernel => fs::File::open(&file)
                 .and_then(|f| Ok((f.metadata()?.len(), f)))
-                .map_err(|e| crate::assets::CheckError {
+                .map_err(|e| crate::bootfile::CheckError {
                     check: "kernel read",
                     offset: 0,
                     reason: e.to_string(),
                 })
                 .and_then(|(len, f)| {
-                    crate::assets::check_kernel_with(std::io::BufReader::new(f), len, &check_limits)
+                    crate::bootfile::check_kernel_with(
+                        std::io::BufReader::new(f),
+                        len,
+                        &check_limits,
+                    )
                 })
                 .map(|v| v.to_string()),
             _ => fs::File::open(&file)
-                .map_err(|e| crate::assets::CheckError {
+                .map_err(|e| crate::bootfile::CheckError {
                     check: "initramfs read",
                     offset: 0,
                     reason: e.to_string(),
                 })
                 .and_then(|f| {
-                    crate::assets::check_initramfs_with(
+                    crate::bootfile::check_initramfs_with(
                         std::io::BufReader::with_capacity(256 * 1024, f),
                         &check_limits,
                     )

@@ -1,25 +1,37 @@
 //! bootsync: keeps a netboot server's kernel and initramfs in step with an OCI image.
 //!
-//! The binary (`src/main.rs`) is a thin shell over [`cli::main`]. The modules are public so
-//! the fuzz targets in `fuzz/` can reach the parsers and checkers.
+//! `docs/ARCHITECTURE.md` is the map. Data flows one way: `registry` -> `pipeline` (with the
+//! `bootfile` checks) -> `store` -> `agent` (one state machine per target) -> `service` (the
+//! daemon, its API, status and metrics) and `cli`. Everything is crate-private except `main` and
+//! the narrow facade the fuzz targets need, below.
 
-pub mod assets;
-pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod hook;
-pub mod http;
-pub mod inspect;
-pub mod io;
-pub mod logging;
-pub mod metrics;
-pub mod pins;
-pub mod pipeline;
-pub mod profile;
-pub mod progress;
-pub mod registry;
-pub mod status;
-pub mod store;
-pub mod sync;
-pub mod systemd;
-pub mod testhook;
+mod agent;
+mod backoff;
+mod bootfile;
+mod cli;
+mod config;
+mod digest;
+mod inspect;
+mod io;
+mod pipeline;
+mod reference;
+mod registry;
+mod service;
+mod store;
+mod testhook;
+mod text;
+
+/// The `bootsync` command (`src/main.rs` is a thin shell over it).
+pub use cli::main;
+
+/// What the fuzz targets reach, and nothing else outside the crate: the parsers and checks that
+/// hostile input meets first.
+pub mod fuzzing {
+    pub use crate::bootfile::{
+        check_initramfs_with, check_kernel_with, extract_uki_with, Limits as CheckLimits,
+    };
+    pub use crate::config::{FileSpec, Kind, Limits, Modes, Platform};
+    pub use crate::digest::Digest;
+    pub use crate::pipeline::unpack_single_layer;
+    pub use crate::registry::{resolve_manifest, Descriptor, Resolved};
+}

@@ -1,5 +1,5 @@
 //! The `bootsync` command: see `bootsync --help` and the README.
 
 fn main() -> std::process::ExitCode {
-    bootsync::cli::main()
+    bootsync::main()
 }

@@ -1,6 +1,8 @@
 //! Images that are not plain container images: ORAS-style artifacts whose layers are single
 //! files named by their title annotation, and Talos >= 1.10 installers that ship only a UKI.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 mod common;
 

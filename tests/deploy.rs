@@ -7,6 +7,8 @@
 //! the package to install; they are never skipped. The install tests run as root (CI does), since
 //! `systemd-tmpfiles` gives the scratch root's directories to the `bootsync` user.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -4,6 +4,8 @@
 //! Needs `/usr/bin/docker-registry` (`apt-get install -y docker-registry`) or
 //! `BOOTSYNC_TEST_REGISTRY_BIN=/path/to/registry`. Run with `cargo test --test e2e`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 mod common;
 
 use common::*;

@@ -17,6 +17,8 @@
 //! served by the fault-injecting proxy's canned responses in front of a real registry
 //! (`tests/common/rawimage.rs`). Run with `cargo test --test hostile`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 // The harness re-exports items that only other test binaries use.
 #[allow(unused_imports)]
 mod common;

@@ -7,6 +7,8 @@
 //! (`tests/common/authfront.rs`) or an htpasswd registry (`tests/common/authreg.rs`) in front
 //! where a test needs one. Run with `cargo test --test operate`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 // The harness re-exports items that only other test binaries use.
 #[allow(unused_imports)]
 mod common;
@@ -16,7 +18,7 @@ use common::authfront::{self, AuthFront};
 use common::authreg::AuthRegistry;
 use common::http;
 use common::image::BuiltImage;
-use common::metrics::Scrape;
+use common::metrics::{scalar, Scrape};
 use common::proxy::{Exchange, Fault, Proxy, Rule};
 use common::*;
 use serde_json::Value;
@@ -2455,4 +2457,208 @@ fn dry_run_lists_layers_and_writes_nothing() {
     assert_eq!(snapshot(&dest), before, "dry run changed {dest:?}");
     assert_eq!(reg.blob_gets(REPO), gets, "dry run downloaded blobs");
     assert_serving(&dest, NAME, &reference, &v1, &index, &b1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One epilogue: rollback and unpin, from the CLI and the API, end like every publish
+// ---------------------------------------------------------------------------------------------
+
+/// The digests the hook was called with, in order.
+fn hook_calls(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `bootsync_published_info` series of `name`: (digest, value).
+fn published_series(s: &Scrape, name: &str) -> Vec<(String, f64)> {
+    s.find("bootsync_published_info", &[("target", name)])
+        .into_iter()
+        .map(|x| {
+            (
+                x.labels["digest"].clone(),
+                scalar(&x.value).unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
+
+/// A rollback or unpin changes what is served like a publish does: the hook runs with the new
+/// digest and `/metrics` keeps one `bootsync_published_info` series per target, whether the CLI
+/// did it without a daemon, the API did it, or the CLI asked a running daemon.
+#[test]
+fn rollback_and_unpin_end_in_the_same_epilogue_from_the_cli_and_the_api() {
+    let reg = Registry::start();
+    let (b1, b2) = (boot(120), boot(121));
+    let (_, v1) = push_index(&reg, 120, &b1);
+    let reference = format!("{}/{REPO}:{TAG}", reg.host());
+    let work = Work::new();
+    let dest = work.dest("talos");
+    let calls = work.path().join("hook-calls");
+    let hook = script(&work, "hook.sh", "echo \"$BOOTSYNC_DIGEST\" >> \"$1\"\n");
+    let cfg = Config::new().registry(&reg.host()).target(
+        target(NAME, &reference, &dest).extra(&hook_line(&[
+            "/bin/sh",
+            path_str(&hook),
+            path_str(&calls),
+        ])),
+    );
+    let config = work.config(&cfg);
+    work.sync_once(&config).assert_success();
+    let (_, v2) = push_index(&reg, 121, &b2);
+    work.sync_once(&config).assert_success();
+    assert_eq!(hook_calls(&calls), [v1.digest.clone(), v2.digest.clone()]);
+
+    // CLI, no daemon: the rollback runs the hook; the unpin syncs and runs it again.
+    work.run(&config, &["rollback", NAME]).assert_success();
+    assert_eq!(hook_calls(&calls).last(), Some(&v1.digest));
+    let out = work.run(&config, &["unpin", NAME]);
+    out.assert_success();
+    assert!(out.stdout.contains("reactivated"), "{}", out.describe());
+    assert_eq!(hook_calls(&calls).last(), Some(&v2.digest));
+    assert_eq!(hook_calls(&calls).len(), 4);
+
+    // The API, through the target's loop.
+    let mut d = work.spawn_run(&config, &cfg.listen);
+    d.wait_status(
+        "v2 served",
+        Duration::from_secs(30),
+        target_is(NAME, serving(&v2.digest)),
+    );
+    let r = post(&d.base, &format!("/targets/{NAME}/rollback"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["digest"], v1.digest.as_str());
+    d.wait_status(
+        "v1 served and pinned",
+        Duration::from_secs(30),
+        target_is(NAME, |t| {
+            t["published"]["digest"] == v1.digest.as_str() && t["pinned"] == v1.digest.as_str()
+        }),
+    );
+    let s = wait_metrics(
+        &d,
+        "v1 alone in published_info",
+        Duration::from_secs(10),
+        |s| published_series(s, NAME) == [(v1.digest.clone(), 1.0)],
+    );
+    assert_eq!(
+        s.must(
+            "bootsync_syncs_total",
+            &[("target", NAME), ("result", "rolled_back")]
+        ),
+        1.0
+    );
+    assert_eq!(hook_calls(&calls).last(), Some(&v1.digest));
+    let r = post(&d.base, &format!("/targets/{NAME}/unpin"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["was_pinned"], true);
+    d.wait_status(
+        "v2 served again",
+        Duration::from_secs(30),
+        target_is(NAME, |t| serving(&v2.digest)(t) && t["pinned"].is_null()),
+    );
+    wait_metrics(
+        &d,
+        "v2 alone in published_info",
+        Duration::from_secs(10),
+        |s| published_series(s, NAME) == [(v2.digest.clone(), 1.0)],
+    );
+    assert_eq!(hook_calls(&calls).last(), Some(&v2.digest));
+
+    // The CLI with a daemon running asks it: the daemon's metrics and status follow.
+    let out = work.run(&config, &["rollback", NAME]);
+    out.assert_success();
+    wait_metrics(
+        &d,
+        "v1 alone after the CLI asked the daemon",
+        Duration::from_secs(10),
+        |s| published_series(s, NAME) == [(v1.digest.clone(), 1.0)],
+    );
+    d.wait_status(
+        "the CLI's rollback in /status",
+        Duration::from_secs(10),
+        target_is(NAME, |t| t["pinned"] == v1.digest.as_str()),
+    );
+    assert_eq!(hook_calls(&calls).last(), Some(&v1.digest));
+    let out = work.run(&config, &["unpin", NAME]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("the daemon syncs it now"),
+        "{}",
+        out.describe()
+    );
+    d.wait_status(
+        "v2 after the CLI's unpin",
+        Duration::from_secs(30),
+        target_is(NAME, serving(&v2.digest)),
+    );
+    assert_eq!(hook_calls(&calls).len(), 8, "{:?}", hook_calls(&calls));
+}
+
+/// The dry run reads a pin without touching it, even one made under another config (a sync
+/// would remove it), and does not call a damaged current version up to date.
+#[test]
+fn dry_run_leaves_a_stale_pin_and_sees_a_damaged_current_version() {
+    let reg = Registry::start();
+    let (b1, b2) = (boot(130), boot(131));
+    let (_, v1) = push_index(&reg, 130, &b1);
+    let reference = format!("{}/{REPO}:{TAG}", reg.host());
+    let work = Work::new();
+    let dest = work.dest("talos");
+    let cfg = Config::new()
+        .registry(&reg.host())
+        .target(target(NAME, &reference, &dest));
+    let config = work.config(&cfg);
+    work.sync_once(&config).assert_success();
+    let (_, v2) = push_index(&reg, 131, &b2);
+    work.sync_once(&config).assert_success();
+    work.run(&config, &["rollback", NAME]).assert_success();
+    let pin = work.path().join("state/pins").join(format!("{NAME}.json"));
+    assert!(pin.is_file());
+
+    // Another config of the target (one more file): the pin is stale.
+    let changed = work.config(&Config {
+        listen: cfg.listen.clone(),
+        ..Config::new()
+            .registry(&reg.host())
+            .target(target(NAME, &reference, &dest).file("etc/os-release", "os-release"))
+    });
+    let before = fs::read(&pin).unwrap();
+    let out = work.run(&changed, &["sync", "--once", "--dry-run"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("made under another config"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(
+        fs::read(&pin).unwrap(),
+        before,
+        "the dry run changed the pin"
+    );
+
+    // Back to the config of the pin; unpin and serve v2; then damage it on disk.
+    let config = work.config(&cfg);
+    work.run(&config, &["unpin", NAME]).assert_success();
+    let kernel = dest
+        .join("versions")
+        .join(v2.digest.trim_start_matches("sha256:"))
+        .join("vmlinuz-arm64");
+    let len = fs::metadata(&kernel).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&kernel)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = work.run(&config, &["sync", "--once", "--dry-run"]);
+    out.assert_success();
+    assert!(
+        out.stdout.contains("would download") && !out.stdout.contains("up to date"),
+        "{}",
+        out.describe()
+    );
+    let _ = v1;
 }

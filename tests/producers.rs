@@ -4,6 +4,8 @@
 //! `docker create` + `docker cp`), or with what `oras pull` writes. A Talos >= 1.10 style
 //! installer carries a real UKI: Debian's arm64 kernel and systemd's EFI stub joined by objcopy.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 #[allow(unused_imports)] // each test binary uses a different part of the harness
 mod common;
 

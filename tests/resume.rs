@@ -5,6 +5,8 @@
 //! bootsync resumes a broken blob download with `Range: bytes=N-` from the byte reached; the
 //! sha256 covers the whole blob. Run with `cargo test --test resume`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 // The harness re-exports items that only other test binaries use.
 #[allow(unused_imports)]
 mod common;

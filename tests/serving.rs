@@ -8,6 +8,8 @@
 //! "skipped: cannot mount tmpfs: ..." and passes. Run with
 //! `cargo test --test serving -- --nocapture` to see the counts each test prints.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 // The harness re-exports items that only other test binaries use.
 #[allow(unused_imports)]
 mod common;
@@ -853,17 +855,18 @@ fn rollback_pin_and_unpin_from_the_cli() {
         .assert_stderr_has(&["sha256", vs[1].hex()]);
     assert_serving(&dest, &vs[2], &catalog);
 
-    // Unpin: the next sync follows the tag again.
+    // Unpin: the target follows the tag again at once (the same sync a daemon runs next).
     let out = work.run(&config, &["unpin", NAME]);
     out.assert_success();
     assert!(out.stdout.contains("unpinned"), "{}", out.describe());
     assert!(!pin_file.exists(), "pin file still there");
-    let out = sync_ok(&work, &config);
     assert!(
         out.stdout.contains("published") && out.stdout.contains(vs[3].digest()),
         "{}",
         out.describe()
     );
+    let out = sync_ok(&work, &config);
+    assert!(out.stdout.contains("up to date"), "{}", out.describe());
     assert_serving(&dest, &vs[3], &catalog);
     assert_profile_at(&profile, &dest, &vs[3], &catalog);
     let out = work.run(&config, &["unpin", NAME]);

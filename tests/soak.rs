@@ -25,6 +25,8 @@
 //! `BOOTSYNC_SOAK_LANES` parallel lanes (default 6); `BOOTSYNC_SOAK_MAX_SECS` a time limit
 //! after which no new round starts (default 60 s + 0.6 s per fault).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
+
 // The harness re-exports items that only other test binaries use.
 #[allow(unused_imports)]
 mod common;

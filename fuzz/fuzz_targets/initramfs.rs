@@ -1,7 +1,7 @@
 //! The compressed-member walker and cpio parser of the initramfs check.
 #![no_main]
 
-use bootsync::assets::{check_initramfs_with, Limits};
+use bootsync::fuzzing::{check_initramfs_with, CheckLimits as Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,7 +3,7 @@
 
 use std::io::Cursor;
 
-use bootsync::assets::{check_kernel_with, Limits};
+use bootsync::fuzzing::{check_kernel_with, CheckLimits as Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -3,10 +3,10 @@
 //! only the wanted names inside it.
 #![no_main]
 
-use bootsync::config::{FileSpec, Kind, Limits, Modes};
-use bootsync::registry::Descriptor;
+use bootsync::fuzzing::{FileSpec, Kind, Limits, Modes};
+use bootsync::fuzzing::Digest;
+use bootsync::fuzzing::Descriptor;
 use libfuzzer_sys::fuzz_target;
-use sha2::{Digest, Sha256};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(root) = tempfile::tempdir() else { return };
@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let layer = Descriptor {
         media_type: "application/vnd.oci.image.layer.v1.tar".into(),
-        digest: format!("sha256:{}", hex::encode(Sha256::digest(data))),
+        digest: Digest::of(data),
         size: data.len() as u64,
         annotations: Default::default(),
     };
@@ -40,8 +40,9 @@ fuzz_target!(|data: &[u8]| {
         max_file: 1 << 20,
         max_download: 1 << 30,
         max_ratio: 100,
+        max_decompressed: 1 << 24,
     };
-    let _ = bootsync::pipeline::unpack_single_layer(data, &layer, &files, &staging, &Modes::default(), &limits);
+    let _ = bootsync::fuzzing::unpack_single_layer(data, &layer, &files, &staging, &Modes::default(), &limits);
     // Nothing but the staging directory at the top.
     let top: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(top, ["staging"]);

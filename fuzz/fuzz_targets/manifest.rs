@@ -2,13 +2,13 @@
 //! (so the parser is reached), must give a result or an error, never a panic.
 #![no_main]
 
-use bootsync::config::Platform;
-use bootsync::registry::{resolve_manifest, Resolved};
+use bootsync::fuzzing::Platform;
+use bootsync::fuzzing::{resolve_manifest, Resolved};
 use libfuzzer_sys::fuzz_target;
-use sha2::{Digest, Sha256};
+use bootsync::fuzzing::Digest;
 
 fuzz_target!(|data: &[u8]| {
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    let digest = Digest::of(data);
     for arch in ["arm64", "amd64"] {
         let platform = Platform {
             os: "linux".into(),

@@ -1,7 +1,7 @@
 //! The PE section reader and UKI splitter, on a file (PE parsing needs random access).
 #![no_main]
 
-use bootsync::assets::{extract_uki_with, Limits};
+use bootsync::fuzzing::{extract_uki_with, CheckLimits as Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

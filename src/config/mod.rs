@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::assets::Kind;
+pub use crate::bootfile::Kind;
 
 pub use validate::{normalize_image_path, parse_platform, preset, ConfigError, PRESETS};
 
@@ -67,18 +67,31 @@ pub struct Timeouts {
 /// Caps that keep a hostile or broken image from filling the disk or spinning the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Largest single file taken from an image (and decompressed by a format check).
+    /// Largest single file taken from an image.
     pub max_file: u64,
+    /// Most bytes one format check may decompress (an initramfs unpacks to a few times its
+    /// size; more is a bomb).
+    pub max_decompressed: u64,
     /// Most blob bytes one sync may download.
     pub max_download: u64,
     /// Most bytes a layer may decompress to per compressed byte (after its first 16 MiB).
     pub max_ratio: u64,
 }
 
+impl Limits {
+    /// The limits of one format check.
+    pub fn check(&self) -> crate::bootfile::Limits {
+        crate::bootfile::Limits {
+            max_decompressed: self.max_decompressed,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_file: 4 << 30,
+            max_decompressed: crate::bootfile::DEFAULT_MAX_DECOMPRESSED,
             max_download: 16 << 30,
             max_ratio: 100,
         }
@@ -130,8 +143,8 @@ pub struct RegistrySettings {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
     pub name: String,
-    /// Canonical `registry/repository:tag` or `registry/repository@sha256:...`.
-    pub reference: String,
+    /// `registry/repository:tag` or `registry/repository@sha256:...`, parsed once.
+    pub reference: crate::reference::Reference,
     pub platform: Platform,
     pub dest: PathBuf,
     /// What to take from the image: one layout, or (presets) several alternatives, such as a
@@ -159,11 +172,6 @@ impl Target {
     /// The published names of each layout, in config order.
     pub fn name_sets(&self) -> Vec<Vec<String>> {
         self.layouts.iter().map(Layout::outputs).collect()
-    }
-
-    /// Every file spec of every layout (for messages and checks that do not care which).
-    pub fn all_files(&self) -> impl Iterator<Item = &FileSpec> {
-        self.layouts.iter().flat_map(|l| &l.files)
     }
 }
 

@@ -30,6 +30,7 @@ pub struct RawConfig {
     pub docker_config: Option<String>,
     pub max_file_size: Option<String>,
     pub max_download_size: Option<String>,
+    pub max_decompressed_size: Option<String>,
     pub max_compression_ratio: Option<i64>,
     #[serde(default)]
     pub registry: Vec<RawRegistry>,

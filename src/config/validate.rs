@@ -143,6 +143,12 @@ pub(super) fn validate(
             raw.max_download_size.as_deref(),
             defaults.max_download,
         )?,
+        max_decompressed: size(
+            &cx,
+            "max_decompressed_size",
+            raw.max_decompressed_size.as_deref(),
+            defaults.max_decompressed,
+        )?,
         max_ratio: match raw.max_compression_ratio {
             None => defaults.max_ratio,
             Some(n) if n >= 2 => n as u64,
@@ -287,9 +293,8 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
     let reference_text = t
         .reference
         .ok_or_else(|| cx.err(key("reference"), "missing"))?;
-    let reference: oci_client::Reference = reference_text
-        .parse()
-        .map_err(|e| cx.err(key("reference"), format!("{reference_text:?}: {e}")))?;
+    let reference = crate::reference::parse_reference(&reference_text)
+        .map_err(|e| cx.err(key("reference"), e))?;
 
     let platform_text = t.platform.as_deref().unwrap_or("linux/arm64");
     let platform = parse_platform(platform_text).ok_or_else(|| {
@@ -374,7 +379,7 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
 
     Ok(Target {
         name,
-        reference: reference.whole(),
+        reference,
         platform,
         dest,
         layouts,
@@ -764,7 +769,7 @@ preset = "demo"
         assert_eq!(t.platform.to_string(), "linux/arm64");
         assert_eq!(t.dest, PathBuf::from("/var/lib/matchbox/assets/talos"));
         assert_eq!(
-            t.reference,
+            t.reference.whole(),
             "ghcr.io/urmanac/talos-cozystack-demo:demo-stable"
         );
         assert_eq!(
@@ -811,7 +816,10 @@ preset = "demo"
             "busybox",
         ))
         .unwrap();
-        assert_eq!(s.targets[0].reference, "docker.io/library/busybox:latest");
+        assert_eq!(
+            s.targets[0].reference.whole(),
+            "docker.io/library/busybox:latest"
+        );
     }
 
     #[test]
@@ -1076,11 +1084,12 @@ preset = "demo"
     #[test]
     fn sizes_parse() {
         let s = parse(&format!(
-            "max_file_size = \"512MiB\"\nmax_download_size = \"3GB\"\n{MINIMAL}"
+            "max_file_size = \"512MiB\"\nmax_download_size = \"3GB\"\nmax_decompressed_size = \"2GiB\"\n{MINIMAL}"
         ))
         .unwrap();
         assert_eq!(s.limits.max_file, 512 << 20);
         assert_eq!(s.limits.max_download, 3_000_000_000);
+        assert_eq!(s.limits.max_decompressed, 2 << 30);
         assert!(err(&format!("max_file_size = \"12 parsecs\"\n{MINIMAL}")).contains("unknown unit"));
         assert!(err(&format!("max_file_size = \"0\"\n{MINIMAL}")).contains("positive"));
         assert!(err(&format!("max_compression_ratio = 1\n{MINIMAL}")).contains("at least 2"));

@@ -6,7 +6,7 @@ use std::fs;
 use std::io::BufReader;
 use std::path::Path;
 
-use crate::assets::Kind;
+use crate::bootfile::Kind;
 use crate::config::{FileSpec, Limits, Modes};
 use crate::store::{BootInfo, FileRecord};
 
@@ -28,7 +28,7 @@ fn check_file(
     name: &str,
     kind: Kind,
     staging: &Path,
-    limits: &crate::assets::Limits,
+    limits: &crate::bootfile::Limits,
 ) -> Result<(), PipelineError> {
     let path = staging.join(name);
     let open_err = |source| PipelineError::Write {
@@ -43,9 +43,9 @@ fn check_file(
     let file = fs::File::open(&path).map_err(open_err)?;
     let verdict = if kind == Kind::Kernel {
         let len = file.metadata().map_err(open_err)?.len();
-        crate::assets::check_kernel_with(BufReader::new(file), len, limits).map_err(failed)?
+        crate::bootfile::check_kernel_with(BufReader::new(file), len, limits).map_err(failed)?
     } else {
-        crate::assets::check_initramfs_with(BufReader::with_capacity(READ_BUFFER, file), limits)
+        crate::bootfile::check_initramfs_with(BufReader::with_capacity(READ_BUFFER, file), limits)
             .map_err(failed)?
     };
     tracing::info!(file = %name, "{kind}: {verdict}");
@@ -61,10 +61,7 @@ pub(crate) fn check_and_split(
     modes: &Modes,
     limits: &Limits,
 ) -> Result<(Vec<FileRecord>, Option<BootInfo>), PipelineError> {
-    // A file check may decompress up to the largest file allowed; more is a bomb.
-    let check_limits = crate::assets::Limits {
-        max_decompressed: limits.max_file,
-    };
+    let check_limits = limits.check();
     let open_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PipelineError::Write { path, source }
@@ -95,7 +92,7 @@ pub(crate) fn check_and_split(
         let [kernel, initrd, cmdline] =
             [&names.kernel, &names.initrd, &names.cmdline].map(|n| staging.join(n));
         let parts =
-            crate::assets::extract_uki_with(&uki, &kernel, &initrd, &cmdline, &check_limits)
+            crate::bootfile::extract_uki_with(&uki, &kernel, &initrd, &cmdline, &check_limits)
                 .map_err(|source| PipelineError::Check {
                     file: spec.name.clone(),
                     kind: spec.kind,
@@ -113,9 +110,10 @@ pub(crate) fn check_and_split(
         ] {
             let path = staging.join(name);
             let file = fs::File::open(&path).map_err(open_err(&path))?;
-            crate::store::apply_file_modes(&file, modes).map_err(open_err(&path))?;
+            crate::store::fs::apply_file_modes(&file, modes).map_err(open_err(&path))?;
             file.sync_all().map_err(open_err(&path))?;
-            let (size, sha256) = crate::store::hash_file(&path).map_err(open_err(&path))?;
+            let (size, digest) = crate::store::fs::hash_file(&path).map_err(open_err(&path))?;
+            let sha256 = digest.hex().to_string();
             records.push(FileRecord {
                 name: name.clone(),
                 size,

@@ -4,6 +4,8 @@
 use std::io::{self, BufReader, Read};
 
 use crate::config::normalize_image_path;
+#[cfg(test)]
+use crate::digest::Digest;
 use crate::io::{Compression, CountingReader, RatioLimit, SniffReader};
 use crate::registry::Descriptor;
 
@@ -333,7 +335,7 @@ mod tests {
         }
         Descriptor {
             media_type: media_type.into(),
-            digest: format!("sha256:{}", "a".repeat(64)),
+            digest: Digest::of(b"a"),
             size: 1,
             annotations,
         }

@@ -26,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use crate::config::{FileSpec, Layout, Limits, Modes};
+use crate::digest::Digest;
 use crate::io::{ChannelReader, HashReader, HashWriter, LimitReader};
 use crate::registry::{Descriptor, Registry};
 use crate::store::{BootInfo, FileRecord};
@@ -45,28 +46,28 @@ const MAX_CANDIDATES: usize = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("layer {digest}: unsupported media type {media_type:?}")]
-    MediaType { digest: String, media_type: String },
+    MediaType { digest: Digest, media_type: String },
     #[error("layer {digest}: digest mismatch: content hashes to {actual} ({size} bytes); the blob is corrupt or was altered")]
     DigestMismatch {
-        digest: String,
-        actual: String,
+        digest: Digest,
+        actual: Digest,
         size: u64,
     },
     #[error("layer {digest}: size mismatch: descriptor says {expected} bytes, got {actual}")]
     SizeMismatch {
-        digest: String,
+        digest: Digest,
         expected: u64,
         actual: u64,
     },
     #[error("layer {digest}: {source}")]
     Read {
-        digest: String,
+        digest: Digest,
         #[source]
         source: io::Error,
     },
     #[error("layer {digest}: {path}: {reason}")]
     Entry {
-        digest: String,
+        digest: Digest,
         path: String,
         reason: String,
     },
@@ -96,9 +97,9 @@ pub enum PipelineError {
     #[error("{file} ({kind}): {source}; not published")]
     Check {
         file: String,
-        kind: crate::assets::Kind,
+        kind: crate::bootfile::Kind,
         #[source]
-        source: crate::assets::CheckError,
+        source: crate::bootfile::CheckError,
     },
 }
 
@@ -150,7 +151,7 @@ impl Fetch for Registry {
         };
         let ((), joined) = tokio::join!(download, unpack);
         let (visitor, walked, drained) = joined.map_err(|e| PipelineError::Join(e.to_string()))?;
-        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let digest = Digest::from_hasher(hasher);
         judge(layer, drained.map(|n| (n, digest)), walked)?;
         Ok(visitor)
     }
@@ -158,7 +159,7 @@ impl Fetch for Registry {
 
 /// Layer blobs held in memory (the fuzz targets and unit tests).
 struct InMemory<'a> {
-    blobs: HashMap<String, &'a [u8]>,
+    blobs: HashMap<Digest, &'a [u8]>,
 }
 
 impl Fetch for InMemory<'_> {
@@ -181,7 +182,7 @@ impl Fetch for InMemory<'_> {
 /// even when the damage first showed up as a decoding error; then the walk's own result.
 fn judge(
     layer: &Descriptor,
-    finished: io::Result<(u64, String)>,
+    finished: io::Result<(u64, Digest)>,
     walked: Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
     match &finished {
@@ -242,7 +243,7 @@ pub async fn find_candidates(
 #[derive(Debug)]
 pub struct Preview {
     /// Top first: digest, size, and what the descriptor says of the layer.
-    pub layers: Vec<(String, u64, String)>,
+    pub layers: Vec<(Digest, u64, String)>,
     /// Failures certain before a byte is read (an unreadable top layer, a cap, an artifact
     /// that does not hold the files).
     pub problems: Vec<String>,
@@ -435,7 +436,7 @@ impl Parts {
     fn capture(
         &mut self,
         layer: usize,
-        digest: &str,
+        digest: &Digest,
         path: &str,
         size: u64,
         content: &mut dyn Read,
@@ -486,14 +487,14 @@ fn write_file(
     entry: &mut dyn Read,
     target: &Path,
     modes: &Modes,
-    layer: &str,
+    layer: &Digest,
 ) -> Result<(u64, String), PipelineError> {
     let werr = |source: io::Error| PipelineError::Write {
         path: target.to_path_buf(),
         source,
     };
     let rerr = |source: io::Error| PipelineError::Read {
-        digest: layer.to_string(),
+        digest: layer.clone(),
         source,
     };
     crate::testhook::pause("writing");
@@ -509,9 +510,10 @@ fn write_file(
         };
         out.write_all(&buf[..n]).map_err(werr)?;
     }
-    let (buffered, size, sha256) = out.finish();
+    let (buffered, size, digest) = out.finish();
+    let sha256 = digest.hex().to_string();
     let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
-    crate::store::apply_file_modes(&file, modes).map_err(werr)?;
+    crate::store::fs::apply_file_modes(&file, modes).map_err(werr)?;
     // Durable before the version is renamed into place (fsynced here, on the unpacking thread).
     file.sync_all().map_err(werr)?;
     Ok((size, sha256))
@@ -523,7 +525,7 @@ struct Indexer {
     upper: Vec<LayerIndex>,
     current: LayerIndex,
     at: usize,
-    digest: String,
+    digest: Digest,
     queries: Vec<Query>,
     targets: Targets,
     mode: Mode,
@@ -634,7 +636,7 @@ impl Visitor for Indexer {
 /// A later read of a layer: the files named captured, nothing indexed.
 struct Capturer {
     at: usize,
-    digest: String,
+    digest: Digest,
     wanted: HashSet<String>,
     parts: Parts,
 }
@@ -713,6 +715,12 @@ impl<'a> Run<'a> {
 
     fn digest(&self, at: usize) -> &str {
         self.layers.get(at).map_or("?", |l| l.digest.as_str())
+    }
+
+    fn layer_digest(&self, at: usize) -> Digest {
+        self.layers
+            .get(at)
+            .map_or_else(|| Digest::of(b""), |l| l.digest.clone())
     }
 
     fn count_download(&mut self, layer: &Descriptor) -> Result<(), PipelineError> {
@@ -1082,7 +1090,7 @@ impl<'a> Run<'a> {
                 .captured
                 .get(&(p.layer, p.path.clone()))
                 .ok_or_else(|| PipelineError::Entry {
-                    digest: self.digest(p.layer).to_string(),
+                    digest: self.layer_digest(p.layer),
                     path: p.path.clone(),
                     reason: "not found when the layer was read again".into(),
                 })?;
@@ -1092,7 +1100,7 @@ impl<'a> Run<'a> {
                 source,
             };
             if let Some(parent) = target.parent() {
-                crate::store::create_dirs(parent, self.modes).map_err(werr)?;
+                crate::store::fs::create_dirs(parent, self.modes).map_err(werr)?;
             }
             match moved.get(&(p.layer, p.path.as_str())) {
                 Some(first) => fs::hard_link(first, &target)

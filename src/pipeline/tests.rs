@@ -2,7 +2,7 @@
 //! refused. Images from real producers are tested end to end in `tests/producers.rs`.
 
 use super::*;
-use crate::assets::Kind;
+use crate::bootfile::Kind;
 use std::io::Write;
 
 fn spec(source: &str, is_dir: bool, name: &str) -> FileSpec {
@@ -18,7 +18,7 @@ fn spec(source: &str, is_dir: bool, name: &str) -> FileSpec {
 fn descriptor(media_type: &str, blob: &[u8], title: Option<&str>) -> Descriptor {
     Descriptor {
         media_type: media_type.into(),
-        digest: format!("sha256:{}", hex::encode(Sha256::digest(blob))),
+        digest: Digest::of(blob),
         size: blob.len() as u64,
         annotations: title
             .map(|t| (layer::TITLE.to_string(), t.to_string()))

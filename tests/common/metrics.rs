@@ -134,7 +134,7 @@ impl Scrape {
     }
 }
 
-fn scalar(v: &Value) -> Option<f64> {
+pub fn scalar(v: &Value) -> Option<f64> {
     match v {
         Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => Some(*x),
         _ => None,

@@ -7,7 +7,6 @@
 mod initramfs;
 mod kernel;
 mod pe;
-mod source;
 #[cfg(test)]
 pub(crate) mod testdata;
 mod uki;
@@ -17,10 +16,7 @@ use std::str::FromStr;
 
 pub use initramfs::check_initramfs_with;
 pub use kernel::check_kernel_with;
-pub use uki::{extract_uki_with, UkiParts};
-// The default-limit forms serve the tests.
-#[cfg(test)]
-pub use {initramfs::check_initramfs, kernel::check_kernel, uki::extract_uki};
+pub use uki::extract_uki_with;
 
 /// Which check a file gets (config key `kind`; presets set kernel/initramfs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

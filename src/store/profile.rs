@@ -11,13 +11,14 @@
 //! argument the EFI stub needs to find the initramfs iPXE hands it.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use super::fs::{create_dirs, remove_temp_files};
+use super::VersionManifest;
 use crate::config::{Modes, Profile};
-use crate::store::VersionManifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
@@ -139,45 +140,27 @@ pub fn update(p: &Profile, m: &VersionManifest, modes: &Modes) -> Result<bool, P
     Ok(true)
 }
 
-/// Temp file in the same directory, fsync, rename, fsync the directory.
+/// Temp files beside a profile start with this (and do not end in `.json`: matchbox reads
+/// profiles and groups by name).
+const TMP_PREFIX: &str = ".bootsync-tmp-";
+
+/// Writes the profile atomically, after removing temp files of an earlier run killed
+/// mid-write.
 fn write_atomic(path: &Path, data: &[u8], modes: &Modes) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    crate::store::create_dirs(dir, modes)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let prefix = format!(".{name}.bootsync-");
-    // Temp files of an earlier run that was killed mid-write (matchbox ignores them; tidy up).
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
+    create_dirs(dir, modes)?;
+    remove_temp_files(dir, TMP_PREFIX);
+    // The prefix an earlier release used.
+    if let Some(name) = path.file_name() {
+        remove_temp_files(dir, &format!(".{}.bootsync-", name.to_string_lossy()));
     }
-    let tmp = dir.join(format!(
-        "{prefix}{}-{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    ));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        crate::store::apply_file_modes(&f, modes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    super::fs::write_atomic(path, data, TMP_PREFIX, modes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::Digest;
 
     fn profile(dir: &Path) -> Profile {
         Profile {
@@ -191,13 +174,18 @@ mod tests {
         }
     }
 
+    /// `hex` padded to a digest's 64 digits.
+    fn pad(hex: &str) -> String {
+        format!("{hex:0<64}")
+    }
+
     fn version(hex: &str) -> VersionManifest {
         VersionManifest {
             target: "t".into(),
             reference: "r/x:y".into(),
             platform: "linux/arm64".into(),
-            digest: format!("sha256:{hex}"),
-            tag_digest: format!("sha256:{hex}"),
+            digest: Digest::from_hex(&pad(hex)).unwrap(),
+            tag_digest: Digest::from_hex(&pad(hex)).unwrap(),
             published_at: String::new(),
             files: Vec::new(),
             boot: None,
@@ -213,11 +201,11 @@ mod tests {
         assert_eq!(doc["id"], "talos");
         assert_eq!(
             doc["boot"]["kernel"],
-            "/assets/talos/versions/abc/vmlinuz-arm64"
+            format!("/assets/talos/versions/{}/vmlinuz-arm64", pad("abc"))
         );
         assert_eq!(
             doc["boot"]["initrd"][0],
-            "/assets/talos/versions/abc/initramfs-arm64.xz"
+            format!("/assets/talos/versions/{}/initramfs-arm64.xz", pad("abc"))
         );
         assert_eq!(doc["boot"]["args"][1], "console=ttyAMA0");
         assert!(
@@ -243,7 +231,7 @@ mod tests {
         assert_eq!(doc["boot"]["extra"], true);
         assert_eq!(
             doc["boot"]["kernel"],
-            "/assets/talos/versions/def/vmlinuz-arm64"
+            format!("/assets/talos/versions/{}/vmlinuz-arm64", pad("def"))
         );
         // key order survives (operators diff these files)
         let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();

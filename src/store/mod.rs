@@ -11,18 +11,25 @@
 //! directory fsynced, then renamed into `versions/`; only then does `current` move. A failure at
 //! any point leaves the previous version serving.
 
-use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+pub mod fs;
+mod manifest;
+pub mod pins;
+pub mod profile;
+
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use serde::{Deserialize, Serialize};
-
+use self::fs::{
+    apply_dir_modes, create_dirs, exchange, free_bytes, fsync_dir, fsync_tree, hash_file,
+    replace_symlink, unique, TMP_PREFIX,
+};
 use crate::config::Modes;
-const MANIFEST: &str = ".bootsync.json";
+use crate::digest::Digest;
+pub use manifest::{names_of, now_rfc3339, BootInfo, FileRecord, VersionManifest};
+use manifest::{published_time, read_manifest, write_manifest};
+
 const STAGING_PREFIX: &str = ".staging-";
-const TMP_PREFIX: &str = ".tmp-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,7 +52,7 @@ pub enum StoreError {
     #[error("version {digest} in {}: {reason}", dest.display())]
     Damaged {
         dest: PathBuf,
-        digest: String,
+        digest: Digest,
         reason: String,
     },
     #[error("no retained version {wanted} in {} (retained: {available})", dest.display())]
@@ -63,123 +70,12 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
-/// One published file, as recorded in the version manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileRecord {
-    /// Path inside the version directory.
-    pub name: String,
-    pub size: u64,
-    /// Lowercase hex sha256 of the content.
-    pub sha256: String,
-    /// Path inside the image it came from.
-    pub source: String,
-}
-
-/// `versions/<hex>/.bootsync.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VersionManifest {
-    pub target: String,
-    pub reference: String,
-    pub platform: String,
-    /// The image manifest digest (the version id).
-    pub digest: String,
-    /// What the reference resolved to (an index digest for multi-arch tags).
-    pub tag_digest: String,
-    /// When this version last became current (RFC 3339).
-    pub published_at: String,
-    pub files: Vec<FileRecord>,
-    /// What a UKI said about itself, when the version's boot files came from one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot: Option<BootInfo>,
-}
-
-/// Read from a UKI's sections when it is split: what a profile and `/status` show.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BootInfo {
-    /// Published name of the kernel split out of the UKI.
-    pub kernel: String,
-    /// The UKI's `.cmdline` (empty when it has none).
-    pub cmdline: String,
-    /// From its `.osrel`: `PRETTY_NAME`, else `NAME VERSION_ID` (e.g. "Talos (v1.11.5)").
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub os_release: Option<String>,
-    /// Its `.uname`: the kernel release.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kernel_release: Option<String>,
-}
-
-impl VersionManifest {
-    pub fn hex(&self) -> &str {
-        digest_hex(&self.digest)
-    }
-}
-
-pub fn digest_hex(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
-}
-
-pub fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
-}
-
-/// Creates `path` and its missing parents with the configured directory mode and group,
-/// whatever the umask.
-pub fn create_dirs(path: &Path, modes: &Modes) -> io::Result<()> {
-    if path.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = path.parent() {
-        create_dirs(parent, modes)?;
-    }
-    match fs::create_dir(path) {
-        Ok(()) => apply_dir_modes(path, modes),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn apply_dir_modes(path: &Path, modes: &Modes) -> io::Result<()> {
-    if let Some(gid) = modes.gid {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(modes.dir))
-}
-
-/// Gives a published file its mode and group (so matchbox, another user, can read it).
-pub fn apply_file_modes(file: &fs::File, modes: &Modes) -> io::Result<()> {
-    if let Some(gid) = modes.gid {
-        std::os::unix::fs::fchown(file, None, Some(gid))?;
-    }
-    file.set_permissions(fs::Permissions::from_mode(modes.file))
-}
-
-/// sha256 of a file, streamed.
-pub fn hash_file(path: &Path) -> io::Result<(u64, String)> {
-    let mut file = fs::File::open(path)?;
-    let mut hasher = crate::io::HashWriter::new(io::sink());
-    io::copy(&mut file, &mut hasher)?;
-    let (_, size, hex) = hasher.finish();
-    Ok((size, hex))
-}
-
-fn fsync_dir(path: &Path) -> io::Result<()> {
-    fs::File::open(path)?.sync_all()
-}
-
-fn unique(prefix: &str, name: &str) -> String {
-    format!(
-        "{prefix}{name}-{}-{:08x}",
-        std::process::id(),
-        fastrand::u32(..)
-    )
-}
-
 /// A target's destination directory, locked for the lifetime of this value.
 pub struct Store {
     dest: PathBuf,
     versions: PathBuf,
     modes: Modes,
-    _lock: fs::File,
+    _lock: std::fs::File,
 }
 
 /// What startup recovery found and did.
@@ -191,7 +87,7 @@ pub enum Recovery {
     Intact(VersionManifest),
     /// `current` was damaged or missing; an older intact version now serves.
     FellBack {
-        from: Option<String>,
+        from: Option<Digest>,
         reason: String,
         to: VersionManifest,
     },
@@ -214,13 +110,14 @@ impl Staging {
 impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = fs::remove_dir_all(&self.path);
+            let _ = std::fs::remove_dir_all(&self.path);
         }
     }
 }
 
 impl Store {
     /// Opens (creating if needed) `dest`, takes its lock, and removes debris of interrupted runs.
+    #[cfg(test)]
     pub fn open(dest: &Path, modes: &Modes) -> Result<Store, StoreError> {
         Self::open_waiting(dest, modes, Duration::ZERO)
     }
@@ -230,20 +127,20 @@ impl Store {
         let versions = dest.join("versions");
         create_dirs(&versions, modes).map_err(at(&versions))?;
         // flock(2) on the directory itself: nothing extra on disk for matchbox to serve.
-        let lock = fs::File::open(dest).map_err(at(dest))?;
+        let lock = std::fs::File::open(dest).map_err(at(dest))?;
         let deadline = std::time::Instant::now() + wait;
         loop {
             match lock.try_lock() {
                 Ok(()) => break,
-                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(fs::TryLockError::WouldBlock) => {
+                Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(StoreError::Busy {
                         dest: dest.to_path_buf(),
                     })
                 }
-                Err(fs::TryLockError::Error(e)) => return Err(at(dest)(e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(at(dest)(e)),
             }
         }
         let store = Store {
@@ -259,7 +156,7 @@ impl Store {
     fn remove_debris(&self) -> Result<(), StoreError> {
         // Manifest rewrites happen inside version directories too.
         let mut dirs = vec![self.dest.clone(), self.versions.clone()];
-        for entry in fs::read_dir(&self.versions).map_err(at(&self.versions))? {
+        for entry in std::fs::read_dir(&self.versions).map_err(at(&self.versions))? {
             let entry = entry.map_err(at(&self.versions))?;
             if entry.file_type().is_ok_and(|t| t.is_dir())
                 && !entry.file_name().to_string_lossy().starts_with('.')
@@ -268,7 +165,7 @@ impl Store {
             }
         }
         for dir in &dirs {
-            for entry in fs::read_dir(dir).map_err(at(dir))? {
+            for entry in std::fs::read_dir(dir).map_err(at(dir))? {
                 let entry = entry.map_err(at(dir))?;
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
@@ -276,9 +173,9 @@ impl Store {
                     let path = entry.path();
                     tracing::info!(path = %path.display(), "removing debris of an interrupted sync");
                     let removed = if entry.file_type().map_err(at(&path))?.is_dir() {
-                        fs::remove_dir_all(&path)
+                        std::fs::remove_dir_all(&path)
                     } else {
-                        fs::remove_file(&path)
+                        std::fs::remove_file(&path)
                     };
                     removed.map_err(at(&path))?;
                 }
@@ -294,24 +191,18 @@ impl Store {
 
     /// The manifest of `versions/<hex>`, if present and readable.
     pub fn version(&self, hex: &str) -> Option<VersionManifest> {
-        read_manifest(&self.versions.join(hex))
+        read_version(&self.versions, hex)
     }
 
-    /// A cheap check that every recorded file is there with its recorded size and that the
-    /// version holds exactly the files of one of the `accepted` name sets (a target's layouts).
+    /// See [`is_intact`].
     pub fn is_intact(&self, m: &VersionManifest, accepted: &[Vec<String>]) -> bool {
-        let dir = self.versions.join(m.hex());
-        names_of(m, accepted).is_some()
-            && m.files.iter().all(|f| {
-                fs::symlink_metadata(dir.join(&f.name))
-                    .is_ok_and(|md| md.is_file() && md.len() == f.size)
-            })
+        is_intact(&self.versions, m, accepted)
     }
 
     /// A fresh staging directory for version `hex`.
     pub fn stage(&self, hex: &str) -> Result<Staging, StoreError> {
         let path = self.dest.join(unique(STAGING_PREFIX, hex));
-        fs::create_dir(&path).map_err(at(&path))?;
+        std::fs::create_dir(&path).map_err(at(&path))?;
         apply_dir_modes(&path, &self.modes).map_err(at(&path))?;
         Ok(Staging {
             path,
@@ -327,7 +218,7 @@ impl Store {
         mut staging: Staging,
         manifest: &VersionManifest,
     ) -> Result<(), StoreError> {
-        write_manifest(&staging.path, manifest, &self.modes)?;
+        write_manifest(&staging.path, manifest, &self.modes).map_err(at(&staging.path))?;
         crate::testhook::pause("staged");
         fsync_tree(&staging.path).map_err(at(&staging.path))?;
         let final_path = self.versions.join(manifest.hex());
@@ -335,7 +226,7 @@ impl Store {
             exchange(&staging.path, &final_path).map_err(at(&final_path))?;
             // `staging` now holds the replaced version; its Drop removes it.
         } else {
-            fs::rename(&staging.path, &final_path).map_err(at(&final_path))?;
+            std::fs::rename(&staging.path, &final_path).map_err(at(&final_path))?;
             staging.committed = true;
         }
         fsync_dir(&self.versions).map_err(at(&self.versions))?;
@@ -360,21 +251,22 @@ impl Store {
         // Note when it became current, durably, before the switch.
         let mut stamped = m.clone();
         stamped.published_at = now_rfc3339();
-        write_manifest(&version_dir, &stamped, &self.modes)?;
+        write_manifest(&version_dir, &stamped, &self.modes).map_err(at(&version_dir))?;
         self.switch(&stamped, names)?;
         Ok(stamped)
     }
 
     fn switch(&self, m: &VersionManifest, names: &[String]) -> Result<(), StoreError> {
-        replace_symlink(&self.dest, "current", &Path::new("versions").join(m.hex()))?;
+        replace_symlink(&self.dest, "current", &Path::new("versions").join(m.hex()))
+            .map_err(at(&self.dest))?;
         crate::testhook::pause("switched");
         for name in names {
             let link = self.dest.join(name);
             let want = Path::new("current").join(name);
-            if fs::read_link(&link).ok().as_deref() == Some(want.as_path()) {
+            if std::fs::read_link(&link).ok().as_deref() == Some(want.as_path()) {
                 continue;
             }
-            if let Ok(md) = fs::symlink_metadata(&link) {
+            if let Ok(md) = std::fs::symlink_metadata(&link) {
                 if md.is_dir() {
                     return Err(StoreError::Conflict {
                         path: link,
@@ -382,7 +274,7 @@ impl Store {
                     });
                 }
             }
-            replace_symlink(&self.dest, name, &want)?;
+            replace_symlink(&self.dest, name, &want).map_err(at(&link))?;
         }
         self.remove_stale_links(names)?;
         fsync_dir(&self.dest).map_err(at(&self.dest))?;
@@ -390,15 +282,15 @@ impl Store {
     }
 
     fn remove_stale_links(&self, names: &[String]) -> Result<(), StoreError> {
-        for entry in fs::read_dir(&self.dest).map_err(at(&self.dest))? {
+        for entry in std::fs::read_dir(&self.dest).map_err(at(&self.dest))? {
             let entry = entry.map_err(at(&self.dest))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == "current" || names.contains(&name) {
                 continue;
             }
-            if let Ok(target) = fs::read_link(entry.path()) {
+            if let Ok(target) = std::fs::read_link(entry.path()) {
                 if target.starts_with("current") {
-                    fs::remove_file(entry.path()).map_err(at(&entry.path()))?;
+                    std::fs::remove_file(entry.path()).map_err(at(&entry.path()))?;
                 }
             }
         }
@@ -408,7 +300,7 @@ impl Store {
     /// Every readable version, most recently published first.
     pub fn versions(&self) -> Result<Vec<VersionManifest>, StoreError> {
         let mut list = Vec::new();
-        for entry in fs::read_dir(&self.versions).map_err(at(&self.versions))? {
+        for entry in std::fs::read_dir(&self.versions).map_err(at(&self.versions))? {
             let entry = entry.map_err(at(&self.versions))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {
@@ -448,7 +340,7 @@ impl Store {
             }
             doomed.push(m.hex().to_string());
         }
-        for entry in fs::read_dir(&self.versions).map_err(at(&self.versions))? {
+        for entry in std::fs::read_dir(&self.versions).map_err(at(&self.versions))? {
             let entry = entry.map_err(at(&self.versions))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if !name.starts_with('.')
@@ -460,7 +352,7 @@ impl Store {
         }
         for name in &doomed {
             let path = self.versions.join(name);
-            fs::remove_dir_all(&path).map_err(at(&path))?;
+            std::fs::remove_dir_all(&path).map_err(at(&path))?;
             tracing::info!(version = %name, dest = %self.dest.display(), "removed old version");
         }
         if !doomed.is_empty() {
@@ -471,37 +363,17 @@ impl Store {
 
     /// Re-hashes every file of version `m` against its manifest.
     pub fn verify(&self, m: &VersionManifest) -> Result<(), StoreError> {
-        let dir = self.versions.join(m.hex());
-        let damaged = |reason: String| StoreError::Damaged {
-            dest: self.dest.clone(),
-            digest: m.digest.clone(),
-            reason,
-        };
-        for f in &m.files {
-            let path = dir.join(&f.name);
-            let md =
-                fs::symlink_metadata(&path).map_err(|e| damaged(format!("{}: {e}", f.name)))?;
-            if !md.is_file() {
-                return Err(damaged(format!("{} is not a regular file", f.name)));
-            }
-            let (size, sha256) =
-                hash_file(&path).map_err(|e| damaged(format!("{}: {e}", f.name)))?;
-            if size != f.size || sha256 != f.sha256 {
-                return Err(damaged(format!(
-                    "{} has {size} bytes with sha256 {sha256}; recorded {} bytes with sha256 {}",
-                    f.name, f.size, f.sha256
-                )));
-            }
-        }
-        Ok(())
+        verify_at(&self.versions, &self.dest, m)
     }
 
     /// True when `current` and every stable link point where they should.
     pub fn links_ok(&self, m: &VersionManifest, names: &[String]) -> bool {
-        fs::read_link(self.dest.join("current")).ok().as_deref()
+        std::fs::read_link(self.dest.join("current"))
+            .ok()
+            .as_deref()
             == Some(Path::new("versions").join(m.hex()).as_path())
             && names.iter().all(|n| {
-                fs::read_link(self.dest.join(n)).ok().as_deref()
+                std::fs::read_link(self.dest.join(n)).ok().as_deref()
                     == Some(Path::new("current").join(n).as_path())
             })
     }
@@ -515,7 +387,7 @@ impl Store {
     /// Startup recovery: verify `current` by content; when it is damaged or gone, fall back to
     /// the newest retained version that verifies; repair links either way.
     pub fn recover(&self, accepted: &[Vec<String>]) -> Result<Recovery, StoreError> {
-        let link = fs::read_link(self.dest.join("current")).ok();
+        let link = std::fs::read_link(self.dest.join("current")).ok();
         let current = self.current();
         let reason = match &current {
             Some(m) => match (self.verify(m), names_of(m, accepted)) {
@@ -568,138 +440,63 @@ impl Store {
     }
 }
 
-/// The name set among `accepted` (a target's layouts) that version `m` holds exactly: every
-/// name present (a file, or a directory of files) and nothing else.
-pub fn names_of<'a>(m: &VersionManifest, accepted: &'a [Vec<String>]) -> Option<&'a [String]> {
-    accepted
-        .iter()
-        .find(|names| {
-            names.iter().all(|n| {
-                m.files
-                    .iter()
-                    .any(|f| f.name == *n || Path::new(&f.name).starts_with(n))
-            }) && m
-                .files
-                .iter()
-                .all(|f| names.iter().any(|n| Path::new(&f.name).starts_with(n)))
+/// The manifest of `versions/<hex>`, if present and readable (no lock needed: versions are
+/// renamed into place whole).
+pub fn read_version(versions: &Path, hex: &str) -> Option<VersionManifest> {
+    read_manifest(&versions.join(hex))
+}
+
+/// A cheap check that every recorded file of `m` is there with its recorded size and that the
+/// version holds exactly the files of one of the `accepted` name sets (a target's layouts).
+/// Reads only.
+pub fn is_intact(versions: &Path, m: &VersionManifest, accepted: &[Vec<String>]) -> bool {
+    let dir = versions.join(m.hex());
+    names_of(m, accepted).is_some()
+        && m.files.iter().all(|f| {
+            std::fs::symlink_metadata(dir.join(&f.name))
+                .is_ok_and(|md| md.is_file() && md.len() == f.size)
         })
-        .map(Vec::as_slice)
+}
+
+/// Re-hashes every file of version `m` (in `versions`, of `dest`) against its record. Reads
+/// only.
+pub fn verify_at(versions: &Path, dest: &Path, m: &VersionManifest) -> Result<(), StoreError> {
+    let dir = versions.join(m.hex());
+    let damaged = |reason: String| StoreError::Damaged {
+        dest: dest.to_path_buf(),
+        digest: m.digest.clone(),
+        reason,
+    };
+    for f in &m.files {
+        let path = dir.join(&f.name);
+        let md =
+            std::fs::symlink_metadata(&path).map_err(|e| damaged(format!("{}: {e}", f.name)))?;
+        if !md.is_file() {
+            return Err(damaged(format!("{} is not a regular file", f.name)));
+        }
+        let (size, digest) = hash_file(&path).map_err(|e| damaged(format!("{}: {e}", f.name)))?;
+        let sha256 = digest.hex();
+        if size != f.size || sha256 != f.sha256 {
+            return Err(damaged(format!(
+                "{} has {size} bytes with sha256 {sha256}; recorded {} bytes with sha256 {}",
+                f.name, f.size, f.sha256
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The version `dest/current` points at, read without taking the lock (for status readers).
 pub fn current_of(dest: &Path) -> Option<VersionManifest> {
-    let link = fs::read_link(dest.join("current")).ok()?;
+    let link = std::fs::read_link(dest.join("current")).ok()?;
     let hex = link.strip_prefix("versions").ok()?;
     read_manifest(&dest.join("versions").join(hex))
-}
-
-fn read_manifest(version_dir: &Path) -> Option<VersionManifest> {
-    serde_json::from_slice(&fs::read(version_dir.join(MANIFEST)).ok()?).ok()
-}
-
-fn published_time(m: &VersionManifest) -> SystemTime {
-    humantime::parse_rfc3339(&m.published_at).unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-/// Bytes free on the filesystem that holds (or would hold) `path`: its nearest existing
-/// ancestor is asked, so nothing is created.
-pub fn free_space(path: &Path) -> io::Result<u64> {
-    let mut at = path;
-    while !at.exists() {
-        at = at.parent().unwrap_or(Path::new("/"));
-    }
-    free_bytes(at)
-}
-
-/// Bytes available to an unprivileged writer on the filesystem holding `path`.
-fn free_bytes(path: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
-    // right size; on success statvfs initialises it.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: statvfs returned 0, so the struct is initialised.
-    let st = unsafe { st.assume_init() };
-    // The field types differ between 32- and 64-bit targets.
-    #[allow(clippy::unnecessary_cast)]
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
-}
-
-/// Writes `dir/.bootsync.json` atomically (temp file, fsync, rename).
-fn write_manifest(dir: &Path, manifest: &VersionManifest, modes: &Modes) -> Result<(), StoreError> {
-    let tmp = dir.join(unique(TMP_PREFIX, "manifest"));
-    let path = dir.join(MANIFEST);
-    let json = serde_json::to_vec_pretty(manifest).map_err(|e| at(&path)(io::Error::other(e)))?;
-    let write = || -> io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&json)?;
-        f.write_all(b"\n")?;
-        apply_file_modes(&f, modes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)?;
-        fsync_dir(dir)
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        at(&path)(e)
-    })
-}
-
-/// Points `dir/name` at `target` by renaming a fresh symlink over it.
-fn replace_symlink(dir: &Path, name: &str, target: &Path) -> Result<(), StoreError> {
-    let tmp = dir.join(unique(TMP_PREFIX, name));
-    let link = dir.join(name);
-    std::os::unix::fs::symlink(target, &tmp).map_err(at(&tmp))?;
-    fs::rename(&tmp, &link).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        at(&link)(e)
-    })
-}
-
-/// fsyncs every file and directory below `root`, children before parents.
-fn fsync_tree(root: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(root)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            fsync_tree(&entry.path())?;
-        } else if kind.is_file() {
-            fs::File::open(entry.path())?.sync_all()?;
-        }
-    }
-    fsync_dir(root)
-}
-
-/// Atomically swaps two directory entries (Linux `renameat2(RENAME_EXCHANGE)`).
-fn exchange(a: &Path, b: &Path) -> io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let ca = CString::new(a.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let cb = CString::new(b.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: both pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn manifest(hex: &str, files: &[(&str, &[u8])]) -> VersionManifest {
         use sha2::Digest;
@@ -707,8 +504,8 @@ mod tests {
             target: "t".into(),
             reference: "r/x:y".into(),
             platform: "linux/arm64".into(),
-            digest: format!("sha256:{hex}"),
-            tag_digest: format!("sha256:{hex}"),
+            digest: test_digest(hex),
+            tag_digest: test_digest(hex),
             published_at: now_rfc3339(),
             files: files
                 .iter()
@@ -723,10 +520,20 @@ mod tests {
         }
     }
 
+    /// A digest whose hex starts with `hex` (padded), so directory names stay readable.
+    fn test_digest(hex: &str) -> Digest {
+        Digest::from_hex(&format!("{hex:0<64}")).unwrap()
+    }
+
+    /// `hex` padded to a digest's 64 digits (the tests name versions aa, bb, cc).
+    fn h(hex: &str) -> String {
+        format!("{hex:0<64}")
+    }
+
     fn publish(store: &Store, hex: &str, files: &[(&str, &[u8])]) -> VersionManifest {
-        let staging = store.stage(hex).unwrap();
+        let staging = store.stage(&h(hex)).unwrap();
         for (n, d) in files {
-            fs::write(staging.path().join(n), d).unwrap();
+            std::fs::write(staging.path().join(n), d).unwrap();
         }
         let m = manifest(hex, files);
         store.commit(staging, &m).unwrap();
@@ -735,7 +542,7 @@ mod tests {
     }
 
     fn entries(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
+        let mut v: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
@@ -751,26 +558,26 @@ mod tests {
         assert!(store.current().is_none());
 
         publish(&store, "aa", &[("vmlinuz", b"k1"), ("initrd", b"i1")]);
-        assert_eq!(fs::read(dest.join("vmlinuz")).unwrap(), b"k1");
+        assert_eq!(std::fs::read(dest.join("vmlinuz")).unwrap(), b"k1");
         assert_eq!(
-            fs::read_link(dest.join("current")).unwrap(),
-            Path::new("versions/aa")
+            std::fs::read_link(dest.join("current")).unwrap(),
+            Path::new("versions").join(h("aa"))
         );
         std::thread::sleep(std::time::Duration::from_millis(2));
         publish(&store, "bb", &[("vmlinuz", b"k2"), ("initrd", b"i2")]);
         std::thread::sleep(std::time::Duration::from_millis(2));
         publish(&store, "cc", &[("vmlinuz", b"k3"), ("initrd", b"i3")]);
-        assert_eq!(fs::read(dest.join("initrd")).unwrap(), b"i3");
-        assert_eq!(store.current().unwrap().hex(), "cc");
+        assert_eq!(std::fs::read(dest.join("initrd")).unwrap(), b"i3");
+        assert_eq!(store.current().unwrap().hex(), h("cc"));
 
         let removed = store.prune(2, Duration::ZERO).unwrap();
-        assert_eq!(removed, vec!["aa".to_string()]);
-        assert_eq!(entries(&dest.join("versions")), vec!["bb", "cc"]);
+        assert_eq!(removed, vec![h("aa")]);
+        assert_eq!(entries(&dest.join("versions")), vec![h("bb"), h("cc")]);
         assert_eq!(
             entries(&dest),
             vec!["current", "initrd", "versions", "vmlinuz"]
         );
-        let mode = fs::metadata(dest.join("versions/cc/vmlinuz"))
+        let mode = std::fs::metadata(dest.join("versions").join(h("cc")).join("vmlinuz"))
             .unwrap()
             .permissions()
             .mode();
@@ -787,7 +594,11 @@ mod tests {
         assert!(!store.is_intact(&m, &[vec!["k".to_string(), "i".to_string()]]));
         // one of several layouts is enough
         assert!(store.is_intact(&m, &[vec!["x".to_string()], vec!["k".to_string()]]));
-        fs::write(tmp.path().join("versions/aa/k"), b"short").unwrap();
+        std::fs::write(
+            tmp.path().join("versions").join(h("aa")).join("k"),
+            b"short",
+        )
+        .unwrap();
         assert!(!store.is_intact(&m, &names));
     }
 
@@ -797,9 +608,9 @@ mod tests {
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         publish(&store, "aa", &[("k", b"old")]);
         publish(&store, "aa", &[("k", b"new"), ("i", b"added")]);
-        assert_eq!(fs::read(tmp.path().join("k")).unwrap(), b"new");
-        assert_eq!(fs::read(tmp.path().join("i")).unwrap(), b"added");
-        assert_eq!(entries(&tmp.path().join("versions")), vec!["aa"]);
+        assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"new");
+        assert_eq!(std::fs::read(tmp.path().join("i")).unwrap(), b"added");
+        assert_eq!(entries(&tmp.path().join("versions")), vec![h("aa")]);
         // no debris left: the replaced copy was removed with the staging guard
         assert!(entries(tmp.path())
             .iter()
@@ -813,14 +624,14 @@ mod tests {
             let store = Store::open(tmp.path(), &Modes::default()).unwrap();
             publish(&store, "aa", &[("k", b"1"), ("old", b"2")]);
             publish(&store, "bb", &[("k", b"3")]);
-            assert!(fs::symlink_metadata(tmp.path().join("old")).is_err());
+            assert!(std::fs::symlink_metadata(tmp.path().join("old")).is_err());
             // a crash left these behind
-            fs::create_dir(tmp.path().join(".staging-bb-1-2")).unwrap();
-            fs::write(tmp.path().join(".tmp-current-1-2"), b"").unwrap();
+            std::fs::create_dir(tmp.path().join(".staging-bb-1-2")).unwrap();
+            std::fs::write(tmp.path().join(".tmp-current-1-2"), b"").unwrap();
         }
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         assert_eq!(entries(tmp.path()), vec!["current", "k", "versions"]);
-        assert_eq!(store.current().unwrap().hex(), "bb");
+        assert_eq!(store.current().unwrap().hex(), h("bb"));
     }
 
     #[test]
@@ -830,10 +641,17 @@ mod tests {
             let store = Store::open(tmp.path(), &Modes::default()).unwrap();
             publish(&store, "aa", &[("k", b"1")]);
         }
-        fs::write(tmp.path().join("versions/aa/.tmp-manifest-1-2"), b"{").unwrap();
+        std::fs::write(
+            tmp.path()
+                .join("versions")
+                .join(h("aa"))
+                .join(".tmp-manifest-1-2"),
+            b"{",
+        )
+        .unwrap();
         let _store = Store::open(tmp.path(), &Modes::default()).unwrap();
         assert_eq!(
-            entries(&tmp.path().join("versions/aa")),
+            entries(&tmp.path().join("versions").join(h("aa"))),
             vec![".bootsync.json", "k"]
         );
     }
@@ -853,8 +671,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         {
-            let staging = store.stage("aa").unwrap();
-            fs::write(staging.path().join("k"), b"partial").unwrap();
+            let staging = store.stage(&h("aa")).unwrap();
+            std::fs::write(staging.path().join("k"), b"partial").unwrap();
         }
         assert_eq!(entries(tmp.path()), vec!["versions"]);
     }
@@ -873,11 +691,11 @@ mod tests {
             .is_empty());
         assert_eq!(
             entries(&tmp.path().join("versions")),
-            vec!["aa", "bb", "cc"]
+            vec![h("aa"), h("bb"), h("cc")]
         );
         // With no grace only `retain` survive.
         assert_eq!(store.prune(1, Duration::ZERO).unwrap().len(), 2);
-        assert_eq!(entries(&tmp.path().join("versions")), vec!["cc"]);
+        assert_eq!(entries(&tmp.path().join("versions")), vec![h("cc")]);
     }
 
     #[test]
@@ -886,7 +704,11 @@ mod tests {
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         let m = publish(&store, "aa", &[("k", b"kernel")]);
         store.verify(&m).unwrap();
-        fs::write(tmp.path().join("versions/aa/k"), b"KERNEL").unwrap();
+        std::fs::write(
+            tmp.path().join("versions").join(h("aa")).join("k"),
+            b"KERNEL",
+        )
+        .unwrap();
         let e = store.verify(&m).unwrap_err().to_string();
         assert!(e.contains("k has 6 bytes"), "{e}");
         // the cheap check cannot see it; that is why recovery hashes
@@ -905,21 +727,25 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
             publish(&store, "cc", &[("k", b"three")]);
             assert!(
-                matches!(store.recover(&names).unwrap(), Recovery::Intact(m) if m.hex() == "cc")
+                matches!(store.recover(&names).unwrap(), Recovery::Intact(m) if m.hex() == h("cc"))
             );
         }
-        fs::write(tmp.path().join("versions/cc/k"), b"THREE").unwrap();
-        fs::remove_file(tmp.path().join("k")).unwrap();
+        std::fs::write(
+            tmp.path().join("versions").join(h("cc")).join("k"),
+            b"THREE",
+        )
+        .unwrap();
+        std::fs::remove_file(tmp.path().join("k")).unwrap();
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         match store.recover(&names).unwrap() {
             Recovery::FellBack { from, to, reason } => {
-                assert_eq!(from.as_deref(), Some("sha256:cc"));
-                assert_eq!(to.hex(), "bb");
+                assert_eq!(from, Some(test_digest("cc")));
+                assert_eq!(to.hex(), h("bb"));
                 assert!(reason.contains("sha256"), "{reason}");
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(fs::read(tmp.path().join("k")).unwrap(), b"two");
+        assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"two");
     }
 
     #[test]
@@ -928,12 +754,12 @@ mod tests {
         let names = vec![vec!["k".to_string()]];
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
         publish(&store, "aa", &[("k", b"one")]);
-        fs::remove_file(tmp.path().join("k")).unwrap();
+        std::fs::remove_file(tmp.path().join("k")).unwrap();
         assert!(matches!(
             store.recover(&names).unwrap(),
             Recovery::Intact(_)
         ));
-        assert_eq!(fs::read(tmp.path().join("k")).unwrap(), b"one");
+        assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"one");
         let empty = tempfile::tempdir().unwrap();
         let store = Store::open(empty.path(), &Modes::default()).unwrap();
         assert_eq!(store.recover(&names).unwrap(), Recovery::Empty);

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served at `/metrics` in the text format.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -11,6 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::digest::Digest;
 use crate::registry::Observer;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +51,8 @@ pub struct Metrics {
     repairs: Family<TargetLabels, Counter>,
     hook_failures: Family<TargetLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    /// The digest each target's `published_info` series names.
+    serving: Mutex<HashMap<String, Digest>>,
 }
 
 fn target(name: &str) -> TargetLabels {
@@ -63,7 +67,7 @@ impl Metrics {
         let syncs = Family::<ResultLabels, Counter>::default();
         registry.register(
             "syncs",
-            "Syncs by target and result (published, reactivated, up_to_date, pinned, failed)",
+            "Operations by target and result (published, reactivated, up_to_date, pinned, rolled_back, repaired, fell_back, failed)",
             syncs.clone(),
         );
         let duration = Family::<TargetLabels, Histogram>::new_with_constructor(|| {
@@ -123,6 +127,7 @@ impl Metrics {
             repairs,
             hook_failures,
             requests,
+            serving: Mutex::default(),
         })
     }
 
@@ -162,20 +167,35 @@ impl Metrics {
         }
     }
 
-    /// Records the digest a target serves, replacing the previous one.
-    pub fn published(&self, name: &str, digest: &str, previous: Option<&str>) {
-        if let Some(old) = previous.filter(|p| *p != digest) {
-            self.published.remove(&PublishedLabels {
-                target: name.to_string(),
-                digest: old.to_string(),
-            });
+    /// Records the digest a target serves (none: nothing), replacing the one it served: one
+    /// `bootsync_published_info` series per target, whoever changed what is served.
+    pub fn serving(&self, name: &str, digest: Option<&Digest>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
+        let old = serving.get(name).cloned();
+        if old.as_ref() != digest {
+            if let Some(old) = old {
+                self.published.remove(&PublishedLabels {
+                    target: name.to_string(),
+                    digest: old.to_string(),
+                });
+            }
+            match digest {
+                Some(d) => {
+                    serving.insert(name.to_string(), d.clone());
+                }
+                None => {
+                    serving.remove(name);
+                }
+            }
         }
-        self.published
-            .get_or_create(&PublishedLabels {
-                target: name.to_string(),
-                digest: digest.to_string(),
-            })
-            .set(1);
+        if let Some(d) = digest {
+            self.published
+                .get_or_create(&PublishedLabels {
+                    target: name.to_string(),
+                    digest: d.to_string(),
+                })
+                .set(1);
+        }
     }
 
     /// Creates a target's counters at zero, so alert rules see them before the first event.
@@ -240,16 +260,18 @@ mod tests {
     fn series_appear_in_the_text_format() {
         let m = Metrics::new();
         m.sync_finished("t", "published", Duration::from_millis(300), 0);
-        m.published("t", "sha256:aa", None);
-        m.published("t", "sha256:bb", Some("sha256:aa"));
+        let (aa, bb) = (Digest::of(b"aa"), Digest::of(b"bb"));
+        m.serving("t", Some(&aa));
+        m.serving("t", Some(&bb));
         let o = m.observer("t");
         o.response("ghcr.io", "head", 200);
         o.response("ghcr.io", "blob", 0);
         o.bytes(42);
         let text = m.encode();
+        let bb_line = format!(r#"bootsync_published_info{{target="t",digest="{bb}"}} 1"#);
         for want in [
             r#"bootsync_syncs_total{target="t",result="published"} 1"#,
-            r#"bootsync_published_info{target="t",digest="sha256:bb"} 1"#,
+            bb_line.as_str(),
             r#"bootsync_registry_requests_total{host="ghcr.io",kind="head",code="200"} 1"#,
             r#"bootsync_registry_requests_total{host="ghcr.io",kind="blob",code="error"} 1"#,
             r#"bootsync_downloaded_bytes_total{target="t"} 42"#,
@@ -258,7 +280,7 @@ mod tests {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }
         assert!(
-            !text.contains("sha256:aa"),
+            !text.contains(aa.as_str()),
             "old digest still exported:\n{text}"
         );
     }

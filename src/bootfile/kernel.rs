@@ -5,8 +5,8 @@
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 
 use super::pe::{self, PeInfo};
-use super::source::{is_limit, read_full, Budget, Capped};
 use super::{mb, CheckError, Limits, Verdict};
+use crate::io::{is_limit, read_full, Budget, Capped};
 
 /// Enough for every header field read here (the x86 setup header ends before 0x270).
 const HEAD_LEN: u64 = 4096;
@@ -276,10 +276,10 @@ fn decode_payload<R: Read + Seek>(
     let mut sink = HeadSink::default();
     let res = if comp == "zstd" {
         // The zboot build appends the decoded size after the frame: decode exactly one frame.
-        zstd::stream::read::Decoder::with_buffer(input)
-            .and_then(|dec| io::copy(&mut Capped::new(dec.single_frame(), &mut budget), &mut sink))
+        crate::io::zstd_frame(input)
+            .and_then(|dec| io::copy(&mut Capped::new(dec, &mut budget), &mut sink))
     } else {
-        let dec = flate2::bufread::GzDecoder::new(input);
+        let dec = crate::io::gzip_member(input);
         io::copy(&mut Capped::new(dec, &mut budget), &mut sink)
     };
     match res {

@@ -6,18 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::registry::Observer;
-use crate::sync::ProgressFactory;
 
-pub struct TerminalProgress;
-
-impl ProgressFactory for TerminalProgress {
-    fn observer(&self, target: &str, inner: Arc<dyn Observer>) -> Arc<dyn Observer> {
-        Arc::new(Bar {
-            inner,
-            target: target.to_string(),
-            state: Mutex::new(None),
-        })
-    }
+/// A progress line on stderr for `target`'s blob downloads.
+pub fn observer(target: &str) -> Arc<dyn Observer> {
+    Arc::new(Bar {
+        target: target.to_string(),
+        state: Mutex::new(None),
+    })
 }
 
 struct Layer {
@@ -29,7 +24,6 @@ struct Layer {
 }
 
 struct Bar {
-    inner: Arc<dyn Observer>,
     target: String,
     state: Mutex<Option<Layer>>,
 }
@@ -67,12 +61,7 @@ impl Bar {
 }
 
 impl Observer for Bar {
-    fn response(&self, host: &str, kind: &'static str, status: u16) {
-        self.inner.response(host, kind, status);
-    }
-
     fn blob_started(&self, digest: &str, size: u64) {
-        self.inner.blob_started(digest, size);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(prev) = state.take() {
             self.draw(&prev, true);
@@ -88,7 +77,6 @@ impl Observer for Bar {
     }
 
     fn bytes(&self, n: u64) {
-        self.inner.bytes(n);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = state.as_mut() {
             l.done += n;

@@ -1,21 +1,26 @@
 //! The command line: every subcommand and its exit codes in one place.
 
+mod logging;
+mod progress;
+
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
-use crate::config::{self, Settings};
-use std::io::IsTerminal;
-use std::sync::Arc;
-
-use crate::daemon::{self, Daemon};
-use crate::logging::{self, LogFormat};
-use crate::status::{Board, Report};
-use crate::sync::Context as SyncContext;
+use crate::agent::decide::Step;
+use crate::agent::{self, Context, Done, Reporter, Runner};
+use crate::config::{self, ConfigError, Settings, Target};
+use crate::registry::Observer;
+use crate::service::daemon::{self, Daemon};
+use crate::service::status::Report;
+use crate::text::{error_chain, printable};
+use logging::LogFormat;
 
 /// Exit code for an invalid config or bad usage.
 const EXIT_CONFIG: u8 = 2;
@@ -43,8 +48,8 @@ enum Command {
     Run,
     /// One pass over the targets, then exit: 0 when all are published, 1 when any failed.
     Sync {
-        /// One pass and exit (the only mode of `sync`; `run` is the daemon).
-        #[arg(long)]
+        /// One pass, then exit (required: the daemon is `bootsync run`).
+        #[arg(long, required = true)]
         once: bool,
         /// Only these targets (repeatable).
         #[arg(long = "target", value_name = "NAME")]
@@ -53,14 +58,16 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Switch a target back to a retained version (re-verified first) and pin it there.
+    /// Switch a target back to a retained version (re-verified first) and pin it there. Asks
+    /// the running daemon when there is one; otherwise does it here.
     Rollback {
         target: String,
         /// Digest (or unique hex prefix) of the version [default: the one before the current].
         #[arg(long, value_name = "DIGEST")]
         to: Option<String>,
     },
-    /// Lift a rollback pin: the target follows its reference again.
+    /// Lift a rollback pin and sync: the target follows its reference again (through the
+    /// daemon when one runs).
     Unpin { target: String },
     /// Validate the config file and print what it defines.
     CheckConfig,
@@ -93,9 +100,13 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The config may set the log level; RUST_LOG wins. Config errors are printed either way.
-    let level = Settings::load(&cli.config).ok().and_then(|s| s.log_level);
-    logging::init(cli.log_format, level.as_deref());
+    // The config is read once: it may set the log level (RUST_LOG wins); its errors are printed
+    // by the command that needs it.
+    let loaded = Settings::load(&cli.config);
+    logging::init(
+        cli.log_format,
+        loaded.as_ref().ok().and_then(|s| s.log_level.as_deref()),
+    );
     // reqwest is built without a TLS provider of its own (aws-lc is slow to build); use ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -109,64 +120,56 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(dispatch(cli));
+    let result = runtime.block_on(dispatch(cli, loaded));
     match result {
         Ok(code) => code,
         Err(e) => {
             // Each cause once, control characters escaped.
             let e: &(dyn std::error::Error + 'static) = e.as_ref();
-            eprintln!("error: {}", daemon::printable(&daemon::error_chain(e)));
+            eprintln!("error: {}", printable(&error_chain(e)));
             ExitCode::FAILURE
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    if let Command::Status { url, json } = &cli.command {
-        return status(&cli.config, url.as_deref(), *json).await;
-    }
-    if let Command::Inspect {
-        reference,
-        platform,
-        json,
-        insecure,
-    } = &cli.command
-    {
-        return inspect(
-            &cli.config,
-            reference,
-            platform.as_deref(),
-            *json,
-            *insecure,
-        )
-        .await;
-    }
-    let settings = match Settings::load(&cli.config) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::from(EXIT_CONFIG));
+async fn dispatch(cli: Cli, loaded: Result<Settings, ConfigError>) -> Result<ExitCode> {
+    let settings = match cli.command {
+        Command::Status { url, json } => {
+            return status(loaded.as_ref().ok(), url.as_deref(), json).await
         }
+        Command::Inspect {
+            reference,
+            platform,
+            json,
+            insecure,
+        } => return inspect(loaded, &reference, platform.as_deref(), json, insecure).await,
+        _ => match loaded {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        },
     };
     match cli.command {
         Command::Run => run(settings, &cli.config).await,
         Command::Sync {
-            once: _,
             targets,
             dry_run: false,
+            ..
         } => sync_once(settings, &targets).await,
         Command::Sync {
             targets,
             dry_run: true,
             ..
         } => dry_run(settings, &targets).await,
-        Command::Rollback { target, to } => rollback(settings, &target, to.as_deref()),
-        Command::Unpin { target } => unpin(settings, &target),
+        Command::Rollback { target, to } => rollback(settings, &target, to).await,
+        Command::Unpin { target } => unpin(settings, &target).await,
         Command::CheckConfig => {
             check_config(&cli.config, &settings);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { .. } | Command::Inspect { .. } => unreachable!("handled above"),
+        Command::Status { .. } | Command::Inspect { .. } => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -203,10 +206,7 @@ fn check_config(path: &Path, s: &Settings) {
     }
 }
 
-fn selected<'a>(
-    settings: &'a Settings,
-    only: &[String],
-) -> Result<Vec<&'a crate::config::Target>, String> {
+fn selected<'a>(settings: &'a Settings, only: &[String]) -> Result<Vec<&'a Target>, String> {
     for name in only {
         if settings.target(name).is_none() {
             return Err(format!("no target named {name:?} in the config"));
@@ -219,37 +219,38 @@ fn selected<'a>(
         .collect())
 }
 
-async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
-    let mut cx = SyncContext::new(settings);
-    if std::io::stderr().is_terminal() {
-        cx.progress = Some(Arc::new(crate::progress::TerminalProgress));
+/// What a one-shot command reports: a progress line per layer on a terminal.
+struct Terminal {
+    progress: bool,
+}
+
+impl Reporter for Terminal {
+    fn observer(&self, target: &str) -> Option<Arc<dyn Observer>> {
+        self.progress.then(|| progress::observer(target))
     }
+}
+
+fn one_shot(settings: Settings) -> Context {
+    let progress = std::io::stderr().is_terminal();
+    Context::new(settings, Arc::new(Terminal { progress }))
+}
+
+async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
+    let cx = one_shot(settings);
     let targets = match selected(&cx.settings, only) {
-        Ok(t) => t,
+        Ok(t) => t.into_iter().cloned().collect::<Vec<_>>(),
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let board = Board::new(&cx.settings.targets);
     let mut failed = 0;
     for target in targets {
-        match daemon::sync_and_record(&cx, target, &board, false)
-            .await
-            .result
-        {
-            Ok(outcome) => {
-                let m = outcome.manifest();
-                let what = outcome.label().replace('_', " ");
-                println!(
-                    "{}: {what} {} ({} files)",
-                    target.name,
-                    m.digest,
-                    m.files.len()
-                );
-            }
-            Err(text) => {
-                eprintln!("error: {text}");
+        let mut runner = Runner::new(cx.clone(), target.clone()).await;
+        match runner.sync(false).await {
+            Ok(done) => print_done(&target.name, &done),
+            Err(f) => {
+                eprintln!("error: {}", f.text);
                 failed += 1;
             }
         }
@@ -261,8 +262,20 @@ async fn sync_once(settings: Settings, only: &[String]) -> Result<ExitCode> {
     })
 }
 
+fn print_done(name: &str, done: &Done) {
+    match &done.serving {
+        Some(m) => println!(
+            "{name}: {} {} ({} files)",
+            done.label.replace('_', " "),
+            m.digest,
+            m.files.len()
+        ),
+        None => println!("{name}: {}", done.label.replace('_', " ")),
+    }
+}
+
 async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
-    let cx = SyncContext::new(settings);
+    let cx = one_shot(settings);
     let targets = match selected(&cx.settings, only) {
         Ok(t) => t,
         Err(e) => {
@@ -272,63 +285,73 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
     };
     let mut failed = false;
     for target in targets {
-        match crate::sync::plan_target(&cx, target).await {
-            Ok(plan) => {
-                use crate::sync::PlanAction;
-                match plan.action {
-                    PlanAction::UpToDate => {
-                        println!("{}: up to date ({})", target.name, plan.manifest_digest)
-                    }
-                    PlanAction::Pinned(d) => println!(
-                        "{}: pinned to {d}; nothing would be downloaded",
-                        target.name
-                    ),
-                    PlanAction::Reactivate => {
-                        println!(
-                            "{}: would switch to the retained version {} (no download)",
-                            target.name, plan.manifest_digest
-                        )
-                    }
-                    PlanAction::Download {
-                        layers,
-                        problems,
-                        known,
-                    } => {
-                        if problems.is_empty() {
-                            println!(
-                                "{}: would download {} (tag {}) and publish it once its files are found and checked",
-                                target.name, plan.manifest_digest, plan.tag_digest
-                            );
-                        } else {
-                            println!(
-                                "{}: would fail to publish {} (tag {}): {}",
-                                target.name,
-                                plan.manifest_digest,
-                                plan.tag_digest,
-                                daemon::printable(&problems.join("; "))
-                            );
-                            failed = true;
-                        }
-                        if !known {
-                            println!("  which layers hold the files is known only once they are read; layers, top first, read until a layout is complete:");
-                        }
-                        for (digest, size, note) in layers {
-                            println!(
-                                "  {digest}  {:.1} MB  {}",
-                                size as f64 / 1e6,
-                                daemon::printable(&note)
-                            );
-                        }
-                    }
-                }
-            }
+        let plan = match agent::plan(&cx, target).await {
+            Ok(plan) => plan,
             Err(e) => {
                 eprintln!(
                     "error: target {}: {}",
                     target.name,
-                    daemon::printable(&daemon::error_chain(&e))
+                    printable(&error_chain(&e))
                 );
                 failed = true;
+                continue;
+            }
+        };
+        let name = &target.name;
+        if let Some(d) = &plan.stale_pin {
+            println!("{name}: a pin to {d} was made under another config; a sync removes it");
+        }
+        let manifest = plan
+            .manifest
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        let tag = plan
+            .tag
+            .as_ref()
+            .map_or_else(String::new, ToString::to_string);
+        match &plan.step {
+            Step::UpToDate => println!("{name}: up to date ({manifest}); nothing would be downloaded"),
+            Step::Retag => println!("{name}: up to date ({manifest}); the tag moved to {tag}, which would be recorded"),
+            Step::ServePinned { switch: false } => println!("{name}: pinned; nothing would be downloaded"),
+            Step::ServePinned { switch: true } => println!("{name}: pinned; would switch to the pinned version (no download)"),
+            Step::PinnedMissing => {
+                println!("{name}: would fail: pinned to a version that is not intact in the store");
+                failed = true;
+            }
+            Step::VerifyCurrent | Step::VerifyPinned => println!("{name}: would re-hash what is served before trusting it"),
+            Step::VerifyRetained => println!(
+                "{name}: would re-hash the retained version {manifest} (tag {tag}) and switch to it without a download, or download it again if it is damaged"
+            ),
+            Step::Reactivate => println!("{name}: would switch to the retained version {manifest} (no download)"),
+            Step::Download => {
+                let mut problems = plan
+                    .preview
+                    .as_ref()
+                    .map(|p| p.problems.clone())
+                    .unwrap_or_default();
+                problems.extend(plan.no_space.clone());
+                if problems.is_empty() {
+                    println!(
+                        "{name}: would download {manifest} (tag {tag}) and publish it once its files are found and checked"
+                    );
+                } else {
+                    println!(
+                        "{name}: would fail to publish {manifest} (tag {tag}): {}",
+                        printable(&problems.join("; "))
+                    );
+                    failed = true;
+                }
+                if let Some(p) = &plan.preview {
+                    if !p.known {
+                        println!("  which layers hold the files is known only once they are read; layers, top first, read until a layout is complete:");
+                    }
+                    for (digest, size, note) in &p.layers {
+                        println!("  {digest}  {:.1} MB  {}", *size as f64 / 1e6, printable(note));
+                    }
+                }
+            }
+            Step::Resolve | Step::FetchManifest => {
+                println!("{name}: undecided");
             }
         }
     }
@@ -339,38 +362,115 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
     })
 }
 
-fn rollback(settings: Settings, name: &str, to: Option<&str>) -> Result<ExitCode> {
-    let Some(target) = settings.target(name) else {
+/// Where the daemon's API listens, as seen from here.
+fn api_base(settings: Option<&Settings>) -> String {
+    let listen = settings
+        .map(|s| s.listen)
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9090)));
+    // A daemon listening on every address is reached on loopback.
+    let host = if listen.ip().is_unspecified() {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), listen.port())
+    } else {
+        listen
+    };
+    format!("http://{host}")
+}
+
+/// A client for the daemon's own API: no proxy (the environment's would apply to loopback too).
+fn api_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(150))
+        .no_proxy()
+        .build()
+        .context("building HTTP client")
+}
+
+/// Sends a command to the running daemon. `None` when no daemon answers (then the CLI does it
+/// itself); otherwise the daemon's JSON answer, or its error.
+async fn ask_daemon(
+    settings: &Settings,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<Option<serde_json::Value>> {
+    let url = format!("{}{path}", api_base(Some(settings)));
+    let mut req = api_client()?
+        .post(&url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string());
+    if let Some(token) = &settings.api_token {
+        req = req.bearer_auth(&token.0);
+    }
+    let response = match req.send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("asking the daemon at {url}")),
+    };
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("reading the daemon's answer from {url}"))?;
+    let answer: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("the daemon at {url} did not answer JSON"))?;
+    if !status.is_success() {
+        let why = answer["error"].as_str().unwrap_or("no reason given");
+        bail!("the daemon at {url} answered {status}: {}", printable(why));
+    }
+    Ok(Some(answer))
+}
+
+async fn rollback(settings: Settings, name: &str, to: Option<String>) -> Result<ExitCode> {
+    let Some(target) = settings.target(name).cloned() else {
         eprintln!("error: no target named {name:?} in the config");
         return Ok(ExitCode::from(EXIT_CONFIG));
     };
-    let m = crate::sync::rollback(&settings, target, to)
-        .with_context(|| format!("rolling back {name}"))?;
+    let path = format!("/targets/{name}/rollback");
+    let digest = match ask_daemon(&settings, &path, serde_json::json!({ "to": to })).await? {
+        Some(answer) => answer["digest"].as_str().unwrap_or_default().to_string(),
+        None => {
+            let mut runner = Runner::new(one_shot(settings), target).await;
+            runner
+                .rollback(to)
+                .await
+                .map_err(|e| anyhow::anyhow!(e))
+                .with_context(|| format!("rolling back {name}"))?
+                .digest
+                .to_string()
+        }
+    };
     println!(
-        "{name}: now serving {} (pinned; `bootsync unpin {name}` follows the reference again)",
-        m.digest
+        "{name}: now serving {digest} (pinned; `bootsync unpin {name}` follows the reference again)"
     );
     Ok(ExitCode::SUCCESS)
 }
 
-fn unpin(settings: Settings, name: &str) -> Result<ExitCode> {
-    if settings.target(name).is_none() {
+async fn unpin(settings: Settings, name: &str) -> Result<ExitCode> {
+    let Some(target) = settings.target(name).cloned() else {
         eprintln!("error: no target named {name:?} in the config");
         return Ok(ExitCode::from(EXIT_CONFIG));
-    }
-    let was = crate::pins::clear(&settings.state_dir, name).with_context(|| {
-        format!(
-            "removing the pin of {name} in {}",
-            settings.state_dir.display()
-        )
-    })?;
+    };
+    let reference = target.reference.to_string();
+    let path = format!("/targets/{name}/unpin");
+    let (was, synced) = match ask_daemon(&settings, &path, serde_json::json!({})).await? {
+        Some(answer) => (answer["was_pinned"].as_bool().unwrap_or(false), None),
+        None => {
+            let mut runner = Runner::new(one_shot(settings), target).await;
+            let (was, synced) = runner.unpin().await.map_err(|e| anyhow::anyhow!(e))?;
+            (was, Some(synced))
+        }
+    };
     if was {
-        println!(
-            "{name}: unpinned; the next sync follows {}",
-            settings.target(name).map_or("", |t| t.reference.as_str())
-        );
+        println!("{name}: unpinned; following {reference}");
     } else {
         println!("{name}: was not pinned");
+    }
+    match synced {
+        Some(Ok(done)) => print_done(name, &done),
+        Some(Err(f)) => {
+            eprintln!("error: {}", f.text);
+            return Ok(ExitCode::FAILURE);
+        }
+        None => println!("{name}: the daemon syncs it now"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -379,18 +479,16 @@ async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
     // Absolute, so the watcher and reloads do not depend on the working directory.
     let config_path =
         &std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
-    let cx = SyncContext::new(settings);
-    let listen = cx.settings.listen;
+    let listen = settings.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let board = Board::new(&cx.settings.targets);
-    let daemon = Daemon::new(cx, board, config_path);
+    let daemon = Daemon::new(settings, config_path);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let api = {
         let mut stop = stop_rx.clone();
-        let app = crate::http::router(daemon.clone());
+        let app = crate::service::http::router(daemon.clone());
         tokio::spawn(async move {
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move {
@@ -399,11 +497,23 @@ async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
                 .await
         })
     };
-    daemon.recover_all().await;
+    let supervisor = tokio::spawn(daemon.clone().run(stop_rx.clone()));
+    // Ready once every target's startup recovery is done (each loop's first step).
+    daemon.recovered().await;
     tracing::info!(%listen, targets = daemon.target_names().len(), "bootsync started");
-    crate::systemd::ready();
-    crate::systemd::status(&daemon.board().summary());
-    crate::systemd::spawn_watchdog();
+    crate::service::systemd::ready();
+    crate::service::systemd::status(&daemon.board().summary());
+    crate::service::systemd::spawn_watchdog();
+    {
+        // STATUS= follows the board.
+        let (board, mut changes) = (daemon.board().clone(), daemon.board().subscribe());
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                crate::service::systemd::status(&board.summary());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
 
     // Reload on SIGHUP and when the config files change; stop on SIGTERM/SIGINT.
     let _config_watch = match daemon::watch_config(config_path) {
@@ -422,11 +532,13 @@ async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
         tokio::spawn(async move {
             handle_signals(daemon).await;
             tracing::info!("shutting down");
-            crate::systemd::stopping();
+            crate::service::systemd::stopping();
             let _ = stop_tx.send(true);
         });
     }
-    daemon.run(stop_rx).await;
+    if let Err(e) = supervisor.await {
+        bail!("the supervisor task failed: {e}");
+    }
     match api.await {
         Ok(Ok(())) => Ok(ExitCode::SUCCESS),
         Ok(Err(e)) => Err(e).context("HTTP API failed"),
@@ -458,30 +570,24 @@ async fn handle_signals(daemon: Arc<Daemon>) {
 }
 
 async fn inspect(
-    config_path: &Path,
+    loaded: Result<Settings, crate::config::ConfigError>,
     reference: &str,
     platform: Option<&str>,
     json: bool,
     insecure: bool,
 ) -> Result<ExitCode> {
     // A config is optional here: without one, registries are reached over HTTPS, anonymously.
-    let settings = match Settings::load(config_path) {
+    let settings = match loaded {
         Ok(s) => Some(s),
-        Err(crate::config::ConfigError::Read { .. }) => None,
+        Err(ConfigError::Read { .. }) => None,
         Err(e) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let observer: Option<Arc<dyn crate::registry::Observer>> = if std::io::stderr().is_terminal() {
-        use crate::sync::ProgressFactory as _;
-        Some(crate::progress::TerminalProgress.observer(
-            "inspect",
-            crate::metrics::Metrics::new().observer("inspect"),
-        ))
-    } else {
-        None
-    };
+    let observer = std::io::stderr()
+        .is_terminal()
+        .then(|| progress::observer("inspect"));
     let report =
         crate::inspect::inspect(reference, platform, settings.as_ref(), insecure, observer)
             .await
@@ -501,21 +607,13 @@ async fn inspect(
     })
 }
 
-async fn status(config_path: &Path, url: Option<&str>, json: bool) -> Result<ExitCode> {
+async fn status(settings: Option<&Settings>, url: Option<&str>, json: bool) -> Result<ExitCode> {
     let base = match url {
         Some(u) => u.trim_end_matches('/').to_string(),
-        None => {
-            let listen = Settings::load(config_path)
-                .map(|s| s.listen.to_string())
-                .unwrap_or_else(|_| "127.0.0.1:9090".to_string());
-            format!("http://{listen}")
-        }
+        None => api_base(settings),
     };
     let url = format!("{base}/status");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("building HTTP client")?;
+    let client = api_client()?;
     let response = client
         .get(&url)
         .send()
@@ -541,11 +639,6 @@ async fn status(config_path: &Path, url: Option<&str>, json: bool) -> Result<Exi
     })
 }
 
-fn short(digest: &str) -> String {
-    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
-    format!("sha256:{}", &hex[..hex.len().min(12)])
-}
-
 /// A plain table, one line per target, then one line per error.
 pub fn render_table(report: &Report) -> String {
     let mut rows = vec![[
@@ -563,7 +656,7 @@ pub fn render_table(report: &Report) -> String {
             format!("{:?}", t.state).to_lowercase(),
             t.published
                 .as_ref()
-                .map_or("-".into(), |p| short(&p.digest)),
+                .map_or("-".into(), |p| p.digest.short().to_string()),
             t.published
                 .as_ref()
                 .map_or("-".into(), |p| p.published_at.clone()),

@@ -4,8 +4,8 @@
 
 use std::io::{self, BufRead, BufReader, Read};
 
-use super::source::{is_limit, read_full, skip_exact, skip_zeros, Budget, Capped, Source};
 use super::{mb, CheckError, Limits, Verdict};
+use crate::io::{is_limit, read_full, skip_exact, skip_zeros, Budget, Capped, Source};
 
 const SOURCE_BUF: usize = 256 * 1024;
 const DECODED_BUF: usize = 64 * 1024;
@@ -192,21 +192,13 @@ pub fn check_initramfs_with<R: Read>(r: R, limits: &Limits) -> Result<Verdict, C
                 }
                 walk_cpio(&mut src, true, &mut stats)
             }
-            Member::Zstd => match zstd::stream::read::Decoder::with_buffer(&mut src) {
-                // One frame per member, as the kernel does; a following frame is sniffed anew.
-                Ok(dec) => walk_decoded(dec.single_frame(), &mut budget, &mut stats),
+            // One frame per member, as the kernel does; a following frame is sniffed anew.
+            Member::Zstd => match crate::io::zstd_frame(&mut src) {
+                Ok(dec) => walk_decoded(dec, &mut budget, &mut stats),
                 Err(e) => Err(WalkError::Io(e)),
             },
-            Member::Xz => walk_decoded(
-                liblzma::bufread::XzDecoder::new(&mut src),
-                &mut budget,
-                &mut stats,
-            ),
-            Member::Gzip => walk_decoded(
-                flate2::bufread::GzDecoder::new(&mut src),
-                &mut budget,
-                &mut stats,
-            ),
+            Member::Xz => walk_decoded(crate::io::xz_stream(&mut src), &mut budget, &mut stats),
+            Member::Gzip => walk_decoded(crate::io::gzip_member(&mut src), &mut budget, &mut stats),
         };
         match walked {
             Ok(bytes) => stats.cpio_bytes += bytes,

@@ -1,18 +1,24 @@
-//! What every target is doing, shared by the sync loop, the HTTP API and the CLI.
+//! The `/status` document: a copy of every target's state, as its loop last reported it (the
+//! loops own the state; this only shows it), plus what the config says of each target.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
+use crate::agent::{Phase, TargetState};
 use crate::config::Target;
-use crate::store::VersionManifest;
+use crate::digest::Digest;
+use crate::store::{BootInfo, VersionManifest};
 
+/// A target's health at a glance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Not checked yet since start.
     Pending,
+    /// An operation is running.
     Syncing,
     Ok,
     Failed,
@@ -27,13 +33,13 @@ pub struct PublishedFile {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Published {
-    pub digest: String,
-    pub tag_digest: String,
+    pub digest: Digest,
+    pub tag_digest: Digest,
     pub published_at: String,
     pub files: Vec<PublishedFile>,
     /// What the UKI the boot files came from said about itself (Talos version, command line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub boot: Option<crate::store::BootInfo>,
+    pub boot: Option<BootInfo>,
 }
 
 impl From<&VersionManifest> for Published {
@@ -63,6 +69,10 @@ pub struct TargetStatus {
     pub platform: String,
     pub dest: String,
     pub state: State,
+    /// What the target's loop is doing: starting, idle, syncing, repairing, rolling_back,
+    /// unpinning.
+    #[serde(default)]
+    pub phase: String,
     pub published: Option<Published>,
     pub last_check: Option<String>,
     pub last_success: Option<String>,
@@ -70,7 +80,7 @@ pub struct TargetStatus {
     pub consecutive_failures: u32,
     pub next_check: Option<String>,
     /// The digest a rollback pinned this target to.
-    pub pinned: Option<String>,
+    pub pinned: Option<Digest>,
     /// Served files or links restored after something else changed them.
     pub self_repairs: u64,
     /// What startup recovery found, when it had to act.
@@ -89,21 +99,24 @@ pub struct Report {
     pub targets: Vec<TargetStatus>,
 }
 
-/// Shared, cheaply cloned status of all targets.
-#[derive(Clone, Default)]
+/// Shared, cheaply cloned copy of every target's state.
+#[derive(Clone)]
 pub struct Board {
     inner: Arc<Mutex<Vec<TargetStatus>>>,
     config_error: Arc<Mutex<Option<String>>>,
+    /// Bumped at every change (the systemd notifier and the readiness wait watch it).
+    changes: Arc<watch::Sender<u64>>,
 }
 
 fn fresh(t: &Target) -> TargetStatus {
     TargetStatus {
         name: t.name.clone(),
-        reference: t.reference.clone(),
+        reference: t.reference.whole(),
         platform: t.platform.to_string(),
         dest: t.dest.display().to_string(),
         state: State::Pending,
-        published: crate::sync::published(t).as_ref().map(Published::from),
+        phase: Phase::Starting.as_str().to_string(),
+        published: None,
         last_check: None,
         last_success: None,
         last_error: None,
@@ -122,80 +135,110 @@ pub fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Board {
-    /// A board for `targets`, seeded with what is already published on disk.
+    /// A board for `targets`, each pending until its loop reports.
     pub fn new(targets: &[Target]) -> Board {
         Board {
             inner: Arc::new(Mutex::new(targets.iter().map(fresh).collect())),
             config_error: Arc::default(),
+            changes: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<TargetStatus>> {
+        // A panic while holding the lock cannot leave the plain data inconsistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver told about every change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Follows a reloaded config: keeps the state of targets that stay, adds and drops others.
     pub fn reconcile(&self, targets: &[Target]) {
-        let mut list = self.lock();
-        let old = std::mem::take(&mut *list);
-        for t in targets {
-            let entry = match old.iter().find(|o| o.name == t.name) {
-                Some(o) => TargetStatus {
-                    reference: t.reference.clone(),
-                    platform: t.platform.to_string(),
-                    dest: t.dest.display().to_string(),
-                    ..o.clone()
-                },
-                None => fresh(t),
-            };
-            list.push(entry);
+        {
+            let mut list = self.lock();
+            let old = std::mem::take(&mut *list);
+            for t in targets {
+                let entry = match old.iter().find(|o| o.name == t.name) {
+                    Some(o) => TargetStatus {
+                        reference: t.reference.whole(),
+                        platform: t.platform.to_string(),
+                        dest: t.dest.display().to_string(),
+                        ..o.clone()
+                    },
+                    None => fresh(t),
+                };
+                list.push(entry);
+            }
         }
+        self.changed();
     }
 
     pub fn set_config_error(&self, error: Option<String>) {
         *self.config_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+        self.changed();
     }
 
-    pub fn is_syncing(&self, name: &str) -> bool {
+    /// Copies a target's state in (what its loop reports).
+    pub fn apply(&self, s: &TargetState) {
+        {
+            let mut list = self.lock();
+            let Some(t) = list.iter_mut().find(|t| t.name == s.name) else {
+                return;
+            };
+            t.phase = s.phase.as_str().to_string();
+            t.state = match s.phase {
+                Phase::Starting | Phase::Idle if s.last_error.is_some() => State::Failed,
+                Phase::Starting | Phase::Idle if s.last_check.is_none() => State::Pending,
+                Phase::Starting | Phase::Idle => State::Ok,
+                _ => State::Syncing,
+            };
+            t.published = s.serving.as_ref().map(Published::from);
+            t.last_check = s.last_check.map(rfc3339);
+            t.last_success = s.last_success.map(rfc3339);
+            t.last_error = s.last_error.clone();
+            t.consecutive_failures = s.consecutive_failures;
+            t.next_check = s.next_check.map(rfc3339);
+            t.pinned = s.pin.clone();
+            t.self_repairs = s.self_repairs;
+            t.recovery = s.recovery.clone();
+            t.hook_failures = s.hook_failures;
+            t.last_hook_error = s.last_hook_error.clone();
+        }
+        self.changed();
+    }
+
+    /// Whether an operation of `name` is running.
+    pub fn is_busy(&self, name: &str) -> bool {
         self.lock()
             .iter()
             .any(|t| t.name == name && t.state == State::Syncing)
     }
 
-    pub fn set_pinned(&self, name: &str, digest: Option<String>) {
-        self.update(name, |t| t.pinned = digest);
-    }
-
-    pub fn set_published(&self, name: &str, manifest: &VersionManifest) {
-        self.update(name, |t| t.published = Some(Published::from(manifest)));
-    }
-
-    pub fn recovered(&self, name: &str, note: String) {
-        self.update(name, |t| t.recovery = Some(note));
-    }
-
-    pub fn self_repaired(&self, name: &str) {
-        self.update(name, |t| t.self_repairs += 1);
-    }
-
-    pub fn hook_result(&self, name: &str, result: &Result<(), String>) {
-        self.update(name, |t| match result {
-            Ok(()) => t.last_hook_error = None,
-            Err(e) => {
-                t.hook_failures += 1;
-                t.last_hook_error = Some(e.clone());
-            }
-        });
+    /// Whether every target's startup recovery is done.
+    pub fn recovered(&self) -> bool {
+        self.lock()
+            .iter()
+            .all(|t| t.phase != Phase::Starting.as_str())
     }
 
     /// A one-line summary for systemd's STATUS=.
     pub fn summary(&self) -> String {
         let list = self.lock();
-        let syncing: Vec<&str> = list
+        let busy: Vec<&str> = list
             .iter()
             .filter(|t| t.state == State::Syncing)
             .map(|t| t.name.as_str())
             .collect();
-        let mut parts = vec![if syncing.is_empty() {
+        let mut parts = vec![if busy.is_empty() {
             "idle".to_string()
         } else {
-            format!("syncing {}", syncing.join(", "))
+            format!("syncing {}", busy.join(", "))
         }];
         for t in list.iter() {
             let what = match (&t.published, t.state) {
@@ -203,7 +246,6 @@ impl Board {
                     format!("{} failing ({} in a row)", t.name, t.consecutive_failures)
                 }
                 (Some(p), _) => {
-                    let hex = p.digest.strip_prefix("sha256:").unwrap_or(&p.digest);
                     let age = humantime::parse_rfc3339(&p.published_at)
                         .ok()
                         .and_then(|at| SystemTime::now().duration_since(at).ok())
@@ -215,9 +257,9 @@ impl Board {
                         })
                         .unwrap_or_default();
                     format!(
-                        "{} sha256:{}... published {} ago",
+                        "{} {}... published {} ago",
                         t.name,
-                        &hex[..hex.len().min(12)],
+                        p.digest.short(),
                         if age.is_empty() { "0m".into() } else { age }
                     )
                 }
@@ -226,67 +268,6 @@ impl Board {
             parts.push(what);
         }
         parts.join("; ")
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<TargetStatus>> {
-        // A panic while holding the lock cannot leave the plain data inconsistent.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn update(&self, name: &str, f: impl FnOnce(&mut TargetStatus)) {
-        if let Some(t) = self.lock().iter_mut().find(|t| t.name == name) {
-            f(t);
-        }
-    }
-
-    pub fn syncing(&self, name: &str) {
-        self.update(name, |t| t.state = State::Syncing);
-    }
-
-    pub fn succeeded(&self, name: &str, manifest: &VersionManifest, next: Option<SystemTime>) {
-        let now = rfc3339(SystemTime::now());
-        self.update(name, |t| {
-            t.state = State::Ok;
-            t.published = Some(Published::from(manifest));
-            t.last_check = Some(now.clone());
-            t.last_success = Some(now);
-            t.last_error = None;
-            t.consecutive_failures = 0;
-            t.next_check = next.map(rfc3339);
-        });
-    }
-
-    /// Records a failure; returns the number of consecutive failures.
-    pub fn failed(&self, name: &str, error: &str, next: Option<SystemTime>) -> u32 {
-        let mut count = 0;
-        self.update(name, |t| {
-            t.state = State::Failed;
-            t.last_check = Some(rfc3339(SystemTime::now()));
-            t.last_error = Some(error.to_string());
-            t.consecutive_failures += 1;
-            t.next_check = next.map(rfc3339);
-            count = t.consecutive_failures;
-        });
-        count
-    }
-
-    pub fn set_next(&self, name: &str, next: SystemTime) {
-        self.update(name, |t| t.next_check = Some(rfc3339(next)));
-    }
-
-    /// The digest `name` serves, as last recorded.
-    pub fn published_digest(&self, name: &str) -> Option<String> {
-        self.lock()
-            .iter()
-            .find(|t| t.name == name)
-            .and_then(|t| t.published.as_ref().map(|p| p.digest.clone()))
-    }
-
-    pub fn consecutive_failures(&self, name: &str) -> u32 {
-        self.lock()
-            .iter()
-            .find(|t| t.name == name)
-            .map_or(0, |t| t.consecutive_failures)
     }
 
     pub fn report(&self) -> Report {

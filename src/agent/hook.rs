@@ -41,10 +41,10 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
     });
     let mut env = vec![
         ("BOOTSYNC_TARGET".into(), target.name.clone()),
-        ("BOOTSYNC_REFERENCE".into(), target.reference.clone()),
+        ("BOOTSYNC_REFERENCE".into(), target.reference.whole()),
         ("BOOTSYNC_PLATFORM".into(), target.platform.to_string()),
-        ("BOOTSYNC_DIGEST".into(), m.digest.clone()),
-        ("BOOTSYNC_TAG_DIGEST".into(), m.tag_digest.clone()),
+        ("BOOTSYNC_DIGEST".into(), m.digest.to_string()),
+        ("BOOTSYNC_TAG_DIGEST".into(), m.tag_digest.to_string()),
         ("BOOTSYNC_DEST".into(), target.dest.display().to_string()),
         (
             "BOOTSYNC_VERSION_DIR".into(),

@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::daemon::{Daemon, Triggered};
+use super::daemon::{Daemon, Triggered};
 
 pub fn router(daemon: Arc<Daemon>) -> Router {
     Router::new()
@@ -60,7 +60,7 @@ async fn metrics(State(d): State<Arc<Daemon>>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        d.context().metrics.encode(),
+        d.metrics().encode(),
     )
 }
 
@@ -89,7 +89,7 @@ async fn sync_all(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response 
     let mut started = Vec::new();
     let mut busy = Vec::new();
     for name in d.target_names() {
-        match d.trigger(&name, crate::daemon::Trigger::Sync) {
+        match d.trigger(&name) {
             Triggered::Started => started.push(name),
             Triggered::Busy => busy.push(name),
             Triggered::Unknown => {}
@@ -115,7 +115,7 @@ async fn sync_one(
     if let Some(r) = unauthorized(&d, &headers) {
         return r;
     }
-    match d.trigger(&name, crate::daemon::Trigger::Sync) {
+    match d.trigger(&name) {
         Triggered::Started => {
             (StatusCode::ACCEPTED, Json(json!({ "started": [name] }))).into_response()
         }
@@ -138,28 +138,20 @@ async fn rollback(
     if let Some(r) = unauthorized(&d, &headers) {
         return r;
     }
-    let settings = d.context().settings;
-    let Some(target) = settings.target(&name).cloned() else {
+    if d.context().settings.target(&name).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
-    };
+    }
     let to = body.and_then(|Json(b)| b.to);
-    let result = tokio::task::spawn_blocking(move || {
-        crate::sync::rollback(&settings, &target, to.as_deref())
-    })
-    .await;
-    match result {
-        Ok(Ok(m)) => {
+    match d.rollback(&name, to).await {
+        Ok(m) => {
             tracing::warn!(target = %name, digest = %m.digest, "rolled back and pinned (API)");
-            d.board().set_published(&name, &m);
-            d.board().set_pinned(&name, Some(m.digest.clone()));
             (
                 StatusCode::OK,
                 Json(json!({ "target": name, "digest": m.digest, "pinned": true })),
             )
                 .into_response()
         }
-        Ok(Err(e)) => error(StatusCode::CONFLICT, crate::daemon::error_chain(&e)),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e),
     }
 }
 
@@ -171,20 +163,15 @@ async fn unpin(
     if let Some(r) = unauthorized(&d, &headers) {
         return r;
     }
-    let settings = d.context().settings;
-    if settings.target(&name).is_none() {
+    if d.context().settings.target(&name).is_none() {
         return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
     }
-    match crate::pins::clear(&settings.state_dir, &name) {
-        Ok(was) => {
-            d.board().set_pinned(&name, None);
-            d.trigger(&name, crate::daemon::Trigger::Sync);
-            (
-                StatusCode::OK,
-                Json(json!({ "target": name, "was_pinned": was })),
-            )
-                .into_response()
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    match d.unpin(&name).await {
+        Ok(was) => (
+            StatusCode::OK,
+            Json(json!({ "target": name, "was_pinned": was })),
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }

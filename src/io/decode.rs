@@ -1,0 +1,110 @@
+//! The decoders, built in one place with one set of settings: layer blobs (every member or
+//! frame, as the tools that wrote them), initramfs members and zboot payloads (one member or
+//! frame at a time, as the kernel reads them).
+
+use std::io::{self, BufRead, Read};
+
+/// zstd layers made with `--long` need a window above the default 2^27; the format's maximum.
+const ZSTD_WINDOW_LOG_MAX: u32 = 31;
+
+/// How a layer blob is compressed, from its media type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// Recognises OCI and Docker layer media types; `None` for anything else.
+    pub fn from_media_type(media_type: &str) -> Option<Compression> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+
+    /// Wraps `inner` in the matching decoder for a whole blob.
+    pub fn decoder<'a, R: BufRead + 'a>(self, inner: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::None => Box::new(inner),
+            Compression::Gzip => Box::new(gzip_members(inner)),
+            Compression::Zstd => Box::new(zstd_frames(inner)?),
+        })
+    }
+}
+
+/// Every member of a gzip stream (GzDecoder alone stops after the first).
+pub fn gzip_members<R: BufRead>(inner: R) -> impl Read {
+    flate2::bufread::MultiGzDecoder::new(inner)
+}
+
+/// One gzip member, leaving what follows it unread.
+pub fn gzip_member<R: BufRead>(inner: R) -> impl Read {
+    flate2::bufread::GzDecoder::new(inner)
+}
+
+/// Every frame of a zstd stream (skippable frames, as zstd:chunked writes them, are skipped).
+pub fn zstd_frames<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> {
+    let mut d = zstd::stream::read::Decoder::with_buffer(inner)?;
+    d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    Ok(d)
+}
+
+/// One zstd frame, leaving what follows it unread.
+pub fn zstd_frame<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> {
+    let mut d = zstd::stream::read::Decoder::with_buffer(inner)?.single_frame();
+    d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    Ok(d)
+}
+
+/// One xz stream, leaving what follows it unread.
+pub fn xz_stream<R: BufRead>(inner: R) -> impl Read {
+    liblzma::bufread::XzDecoder::new(inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn multi_member_gzip_is_read_to_the_end() {
+        let mut blob = Vec::new();
+        for part in [&b"first "[..], &b"second"[..]] {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(part).unwrap();
+            blob.extend(e.finish().unwrap());
+        }
+        let mut out = String::new();
+        Compression::Gzip
+            .decoder(&blob[..])
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(out, "first second");
+    }
+
+    #[test]
+    fn media_types_map_to_decoders() {
+        assert_eq!(
+            Compression::from_media_type("application/vnd.oci.image.layer.v1.tar+zstd"),
+            Some(Compression::Zstd)
+        );
+        assert_eq!(
+            Compression::from_media_type("application/vnd.docker.image.rootfs.diff.tar.gzip"),
+            Some(Compression::Gzip)
+        );
+        assert_eq!(Compression::from_media_type("application/json"), None);
+    }
+}

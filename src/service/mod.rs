@@ -1,0 +1,60 @@
+//! The long-running service: the supervisor of the target loops (`daemon`), the HTTP API
+//! (`http`), the `/status` document (`status`), Prometheus metrics (`metrics`) and systemd
+//! notifications (`systemd`). The loops report here through [`ServiceReporter`].
+
+pub mod daemon;
+pub mod http;
+pub mod metrics;
+pub mod status;
+pub mod systemd;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::agent::{Reporter, TargetState};
+use crate::digest::Digest;
+use crate::registry::Observer;
+use metrics::Metrics;
+use status::Board;
+
+/// Where the target loops report: the board (`/status`, systemd's STATUS=) and the metrics.
+pub struct ServiceReporter {
+    pub board: Board,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reporter for ServiceReporter {
+    fn state(&self, state: &TargetState) {
+        self.board.apply(state);
+        self.metrics.serving(&state.name, state.serving_digest());
+    }
+
+    fn finished(
+        &self,
+        target: &str,
+        label: &'static str,
+        took: Duration,
+        failures: u32,
+        serving: Option<&Digest>,
+        _previous: Option<&Digest>,
+    ) {
+        // Recovery at start and a repair check that found nothing are no operations on what
+        // is served; everything else is counted.
+        if !matches!(label, "recovered" | "healthy") {
+            self.metrics.sync_finished(target, label, took, failures);
+        }
+        self.metrics.serving(target, serving);
+    }
+
+    fn repaired(&self, target: &str) {
+        self.metrics.self_repaired(target);
+    }
+
+    fn hook_failed(&self, target: &str) {
+        self.metrics.hook_failed(target);
+    }
+
+    fn observer(&self, target: &str) -> Option<Arc<dyn Observer>> {
+        Some(self.metrics.observer(target))
+    }
+}

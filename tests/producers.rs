@@ -577,6 +577,25 @@ fn talos_1_10_installer_with_a_real_uki_syncs_with_the_preset() {
     assert!(!dest.join("cmdline-arm64").exists(), "stale link kept");
 }
 
+/// A config made of an `inspect` snippet, with the test's registry and directories.
+fn snippet_config(
+    work: &Work,
+    reg: &Registry,
+    assets: &Path,
+    file: &str,
+    snippet: &str,
+) -> std::path::PathBuf {
+    work.write_config(
+        file,
+        &format!(
+            "assets_root = {}\nstate_dir = {}\n[[registry]]\nhost = {}\ninsecure = true\n{snippet}",
+            q(assets.to_str().unwrap()),
+            q(work.path().join("state").to_str().unwrap()),
+            q(&reg.host())
+        ),
+    )
+}
+
 #[test]
 fn inspect_finds_the_boot_files_and_its_snippet_syncs_the_image() {
     let reg = Registry::start();
@@ -616,15 +635,7 @@ fn inspect_finds_the_boot_files_and_its_snippet_syncs_the_image() {
 
     // The snippet, as printed, is a config check-config accepts and that syncs the image.
     let assets = work.path().join("assets");
-    let config = work.write_config(
-        "inspected.toml",
-        &format!(
-            "assets_root = {}\nstate_dir = {}\n[[registry]]\nhost = {}\ninsecure = true\n{snippet}",
-            q(assets.to_str().unwrap()),
-            q(work.path().join("state").to_str().unwrap()),
-            q(&reg.host())
-        ),
-    );
+    let config = snippet_config(&work, &reg, &assets, "inspected.toml", snippet);
     work.check_config(&config).assert_success();
     work.sync_once(&config).assert_success();
     assert_eq!(
@@ -650,15 +661,7 @@ fn inspect_finds_the_boot_files_and_its_snippet_syncs_the_image() {
         out.describe()
     );
     let snippet = &out.stdout[out.stdout.find("[[target]]").unwrap()..];
-    let config = work.write_config(
-        "odd.toml",
-        &format!(
-            "assets_root = {}\nstate_dir = {}\n[[registry]]\nhost = {}\ninsecure = true\n{snippet}",
-            q(assets.to_str().unwrap()),
-            q(work.path().join("state").to_str().unwrap()),
-            q(&reg.host())
-        ),
-    );
+    let config = snippet_config(&work, &reg, &assets, "odd.toml", snippet);
     work.sync_once(&config).assert_success();
     assert_eq!(fs::read(assets.join("odd/vmlinuz")).unwrap(), k);
 }

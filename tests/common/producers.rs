@@ -247,38 +247,39 @@ impl Umoci {
         self.dir.path().join("layout").display().to_string()
     }
 
-    /// `umoci insert SOURCE DEST`: one new layer holding `data` (a file) at `dest`.
-    pub fn insert_file(&self, dest: &str, data: &[u8]) -> &Self {
-        let src = self
-            .dir
+    /// A fresh path in the scratch directory.
+    fn scratch(&self, what: &str) -> std::path::PathBuf {
+        self.dir
             .path()
-            .join(format!("src-{}", MTIME.fetch_add(1, Ordering::Relaxed)));
-        fs::write(&src, data).unwrap();
+            .join(format!("{what}-{}", MTIME.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// `umoci insert SOURCE DEST`: one new layer with `source` at `dest`.
+    fn insert(&self, source: &Path, dest: &str) -> &Self {
         let mut c = Command::new("umoci");
         c.args(["insert", "--image", &format!("{}:t", self.layout())])
-            .arg(&src)
+            .arg(source)
             .arg(dest);
         run(c);
         self
     }
 
-    /// `umoci insert DIR DEST`: one new layer holding the directory `files` make.
+    /// One new layer holding `data` (a file) at `dest`.
+    pub fn insert_file(&self, dest: &str, data: &[u8]) -> &Self {
+        let src = self.scratch("src");
+        fs::write(&src, data).unwrap();
+        self.insert(&src, dest)
+    }
+
+    /// One new layer holding the directory `files` make, at `dest`.
     pub fn insert_dir(&self, dest: &str, files: &[(&str, &[u8])]) -> &Self {
-        let src = self
-            .dir
-            .path()
-            .join(format!("dir-{}", MTIME.fetch_add(1, Ordering::Relaxed)));
+        let src = self.scratch("dir");
         for (p, d) in files {
             let f = src.join(p);
             fs::create_dir_all(f.parent().unwrap()).unwrap();
             fs::write(f, d).unwrap();
         }
-        let mut c = Command::new("umoci");
-        c.args(["insert", "--image", &format!("{}:t", self.layout())])
-            .arg(&src)
-            .arg(dest);
-        run(c);
-        self
+        self.insert(&src, dest)
     }
 
     /// Copies the image to `dest` (`docker://...`) with skopeo, blobs unchanged.

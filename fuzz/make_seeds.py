@@ -120,3 +120,29 @@ def pe(sections):
 
 put("uki", "uki.efi", pe([(".linux", zboot("gzip", gzip.compress(img))), (".initrd", zstd(c)), (".cmdline", b"console=ttyAMA0\0")]))
 put("uki", "no-initrd.efi", pe([(".linux", img)]))
+
+# signature: a mode byte (0 registry documents, 1 a bundle, 2 a cosign v2 layer), then the input
+vectors = os.path.join(os.path.dirname(root), "..", "tests", "fixtures", "sigstore-conformance", "bundle-verify")
+image_digest = digest(b"the image")
+bundle_type = "application/vnd.dev.sigstore.bundle.v0.3+json"
+referrers = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+    {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + "c" * 64, "size": 500, "artifactType": bundle_type}]}
+put("signature", "referrers.bin", b"\x00" + json.dumps(referrers).encode())
+referrer = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "artifactType": bundle_type,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": digest(b"{}"), "size": 2},
+            "layers": [{"mediaType": bundle_type, "digest": "sha256:" + "d" * 64, "size": 3000}],
+            "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": image_digest, "size": 400}}
+put("signature", "referrer.bin", b"\x00" + json.dumps(referrer).encode())
+sig = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:" + "e" * 64, "size": 200},
+       "layers": [{"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json", "digest": "sha256:" + "f" * 64, "size": 250,
+                   "annotations": {"dev.cosignproject.cosign/signature": "MEUCIQ=="}}]}
+put("signature", "sig-manifest.bin", b"\x00" + json.dumps(sig).encode())
+for v in ("happy-path-v0.3", "happy-path-intoto-in-dsse-v3", "managed-key-happy-path", "happy-path-v0.1"):
+    with open(os.path.join(vectors, v, "bundle.sigstore.json"), "rb") as f:
+        put("signature", v + ".bin", b"\x01" + f.read())
+payload = json.dumps({"critical": {"identity": {"docker-reference": "r"}, "image": {"docker-manifest-digest": image_digest},
+                                   "type": "cosign container image signature"}, "optional": None}).encode()
+put("signature", "v2-key.bin", b"\x02" + payload + b"\xffMEUCIQDx")
+rekor = json.dumps({"SignedEntryTimestamp": "MEUC", "Payload": {"body": "e30=", "integratedTime": 1, "logIndex": 2, "logID": "ab" * 32}}).encode()
+put("signature", "v2-keyless.bin", b"\x02" + payload + b"\xffMEUCIQDx\xff-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n\xff\xff" + rekor)

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-20}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(manifest layer kernel initramfs uki)
+[ ${#targets[@]} -gt 0 ] || targets=(manifest layer kernel initramfs uki signature)
 # cargo-fuzz needs unstable rustc flags; this toolchain is stable.
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O >/dev/null

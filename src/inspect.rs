@@ -15,6 +15,7 @@ use crate::config::{Limits, Platform, RegistrySettings, Settings, Timeouts};
 use crate::digest::Digest;
 use crate::pipeline::{self, Candidate, PipelineError};
 use crate::registry::{Credentials, Observer, Registry, RegistryError};
+use crate::signature::Claim;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -48,6 +49,10 @@ pub struct Report {
     pub candidates: Vec<CandidateInfo>,
     /// A `[[target]]` for the config that syncs this image, or why none could be made.
     pub snippet: Option<String>,
+    /// The signatures found for `digest`, as they claim (not verified: inspect has no policy).
+    pub signatures: Vec<Claim>,
+    /// Where they were looked for, and what each place answered.
+    pub signatures_searched: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -139,6 +144,17 @@ pub async fn inspect(
     let registry = Registry::connect(&reference, &registry_settings, credentials, timeouts)?
         .with_observer(observer);
     let digest = registry.resolve(&reference).await?;
+    let (signatures, signatures_searched) = match registry.signatures(&digest).await {
+        Ok(found) => (
+            found
+                .material
+                .iter()
+                .map(|m| crate::signature::claim(m, &digest))
+                .collect(),
+            found.searched,
+        ),
+        Err(e) => (Vec::new(), vec![format!("signature discovery failed: {e}")]),
+    };
     let platforms = registry.offered(&digest).await?.unwrap_or_default();
     let platform = match platform {
         Some(p) => {
@@ -197,6 +213,8 @@ pub async fn inspect(
             .collect(),
         candidates,
         snippet,
+        signatures,
+        signatures_searched,
     })
 }
 
@@ -440,6 +458,33 @@ pub fn render(r: &Report) -> String {
                 let _ = writeln!(s, "    uname: {k}");
             }
         }
+    }
+    if r.signatures.is_empty() {
+        let _ = writeln!(s, "signatures of {}: none found", r.digest);
+    } else {
+        let _ = writeln!(
+            s,
+            "signatures of {} (as they claim; verified only by a [target.verify] policy):",
+            r.digest
+        );
+    }
+    for c in &r.signatures {
+        let who = match (&c.subject, &c.issuer) {
+            (Some(sub), Some(iss)) => format!("certificate for {sub} (issuer {iss})"),
+            (Some(sub), None) => format!("certificate for {sub}"),
+            _ => c.signed_with.clone(),
+        };
+        let problem = c
+            .problem
+            .as_ref()
+            .map(|p| format!(": {p}"))
+            .unwrap_or_default();
+        // Subjects and issuers come from certificates anyone can push: escape them.
+        let line = format!("{}: {}, {who}{problem}", c.source, c.format);
+        let _ = writeln!(s, "  {}", crate::text::printable(&line));
+    }
+    for place in &r.signatures_searched {
+        let _ = writeln!(s, "    looked at {}", crate::text::printable(place));
     }
     match &r.snippet {
         Some(snippet) => {

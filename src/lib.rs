@@ -17,6 +17,7 @@ mod pipeline;
 mod reference;
 mod registry;
 mod service;
+mod signature;
 mod store;
 mod testhook;
 mod text;
@@ -33,5 +34,8 @@ pub mod fuzzing {
     pub use crate::config::{FileSpec, Kind, Limits, Modes, Platform};
     pub use crate::digest::Digest;
     pub use crate::pipeline::unpack_single_layer;
-    pub use crate::registry::{resolve_manifest, Descriptor, Resolved};
+    pub use crate::registry::{
+        bundle_layer, bundle_referrers, resolve_manifest, signature_layers, Descriptor, Resolved,
+    };
+    pub use crate::signature::{claim, verify, IdentitySpec, Material, Policy};
 }

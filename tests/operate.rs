@@ -1305,7 +1305,11 @@ fn metrics_after_publish_and_failure() {
     assert_eq!(
         s.must(
             "bootsync_published_info",
-            &[("target", "good"), ("digest", &v1.digest)]
+            &[
+                ("target", "good"),
+                ("digest", &v1.digest),
+                ("signed_by", "unverified")
+            ]
         ),
         1.0
     );
@@ -1401,7 +1405,11 @@ fn metrics_after_publish_and_failure() {
     assert_eq!(
         s.must(
             "bootsync_published_info",
-            &[("target", "good"), ("digest", &v2.digest)]
+            &[
+                ("target", "good"),
+                ("digest", &v2.digest),
+                ("signed_by", "unverified")
+            ]
         ),
         1.0
     );

@@ -24,6 +24,8 @@ pub struct Version {
     /// What the reference resolved to when it was published (an index, for multi-arch tags).
     pub tag_digest: Digest,
     pub integrity: Integrity,
+    /// Its record names a signer the target's signature policy still trusts.
+    pub signed: bool,
 }
 
 /// The rollback pin as read from the state directory (reading it changes nothing).
@@ -54,6 +56,11 @@ pub struct Facts {
     pub manifest: Option<Digest>,
     /// The retained version of that manifest, if the store has one.
     pub retained: Option<Version>,
+    /// The target has a signature policy (`[target.verify]`): nothing is served, switched to
+    /// or recorded as up to date before what the tag resolved to is verified as signed.
+    pub policy: bool,
+    /// The tag digest whose signature was verified in this sync.
+    pub signed_tag: Option<Digest>,
 }
 
 /// What to do next.
@@ -70,16 +77,21 @@ pub enum Step {
     FetchManifest,
     /// Re-hash the retained version before it serves again (it sat unwatched on disk).
     VerifyRetained,
+    /// Find and verify the signatures of what the tag resolved to (`Facts::signed_tag`; a
+    /// failure ends the sync before any blob is fetched).
+    VerifySignature,
     // Actions.
     /// What is served is what the reference names: keep it (links and profile checked).
     UpToDate,
-    /// Same version, but the tag moved (an index changed for another platform): record the new
-    /// tag digest.
+    /// Same version, but the tag moved (an index changed for another platform), or its
+    /// signature was verified now: record the tag digest and the signer.
     Retag,
     /// Pinned: serve the pinned version (`switch` when it is not current yet).
     ServePinned { switch: bool },
     /// Pinned to a version that is not intact in the store: an error.
     PinnedMissing,
+    /// Pinned to a version whose record names no signer the policy trusts: an error.
+    PinnedUnverified,
     /// Switch to the retained version of the manifest, without a download.
     Reactivate,
     /// Download the manifest's layers and publish a new version.
@@ -96,6 +108,7 @@ impl Step {
                 | Step::Resolve
                 | Step::FetchManifest
                 | Step::VerifyRetained
+                | Step::VerifySignature
         )
     }
 }
@@ -119,6 +132,7 @@ pub fn decide(f: &Facts) -> Step {
         return match usable(v, f.verify) {
             None => Step::VerifyPinned,
             Some(false) => Step::PinnedMissing,
+            Some(true) if f.policy && !v.signed => Step::PinnedUnverified,
             Some(true) => Step::ServePinned {
                 switch: f.current.as_ref().is_none_or(|c| &c.digest != pin),
             },
@@ -129,17 +143,29 @@ pub fn decide(f: &Facts) -> Step {
         Some((c, Some(true))) => Some(c),
         _ => None,
     };
+    // What is served counts as up to date only if it was verified as the policy asks.
+    let trusted = |c: &Version| !f.policy || c.signed;
     // A reference pinned by digest that is already served needs no network at all.
     if let (Some(rd), Some(c)) = (&f.reference_digest, current) {
-        if &c.tag_digest == rd {
+        if &c.tag_digest == rd && trusted(c) {
             return Step::UpToDate;
         }
     }
     let Some(tag) = &f.tag else {
         return Step::Resolve;
     };
-    if current.is_some_and(|c| &c.tag_digest == tag) {
-        return Step::UpToDate;
+    let signature_known = !f.policy || f.signed_tag.as_ref() == Some(tag);
+    if let Some(c) = current.filter(|c| &c.tag_digest == tag) {
+        return match (trusted(c), signature_known) {
+            (true, _) => Step::UpToDate,
+            (false, false) => Step::VerifySignature,
+            // Served before the policy existed, and signed: record who signed it.
+            (false, true) => Step::Retag,
+        };
+    }
+    // Before any manifest beyond the tag's is fetched, and before any blob.
+    if !signature_known {
+        return Step::VerifySignature;
     }
     let Some(manifest) = &f.manifest else {
         return Step::FetchManifest;
@@ -172,7 +198,13 @@ mod tests {
             digest: d(digest),
             tag_digest: d(tag),
             integrity,
+            signed: false,
         })
+    }
+
+    /// A version whose record names a trusted signer.
+    fn signed(v: Option<Version>) -> Option<Version> {
+        v.map(|v| Version { signed: true, ..v })
     }
 
     fn facts() -> Facts {
@@ -185,6 +217,8 @@ mod tests {
             tag: None,
             manifest: None,
             retained: None,
+            policy: false,
+            signed_tag: None,
         }
     }
 
@@ -379,6 +413,141 @@ mod tests {
                 Step::PinnedMissing,
             ),
             (
+                "policy: the tag moved, its signature first",
+                Facts {
+                    current: signed(v('a', 't', Intact)),
+                    tag: Some(d('u')),
+                    policy: true,
+                    ..facts()
+                },
+                Step::VerifySignature,
+            ),
+            (
+                "policy: signed, then the manifest",
+                Facts {
+                    current: signed(v('a', 't', Intact)),
+                    tag: Some(d('u')),
+                    policy: true,
+                    signed_tag: Some(d('u')),
+                    ..facts()
+                },
+                Step::FetchManifest,
+            ),
+            (
+                "policy: signed, new manifest: download",
+                Facts {
+                    tag: Some(d('u')),
+                    manifest: Some(d('b')),
+                    policy: true,
+                    signed_tag: Some(d('u')),
+                    ..facts()
+                },
+                Step::Download,
+            ),
+            (
+                "policy: a verified signature of another tag digest is no signature of this one",
+                Facts {
+                    tag: Some(d('u')),
+                    manifest: Some(d('b')),
+                    policy: true,
+                    signed_tag: Some(d('t')),
+                    ..facts()
+                },
+                Step::VerifySignature,
+            ),
+            (
+                "policy: nothing served, nothing known: ask, then verify",
+                Facts {
+                    policy: true,
+                    ..facts()
+                },
+                Step::Resolve,
+            ),
+            (
+                "policy: a retained version re-verified is reactivated only once signed",
+                Facts {
+                    tag: Some(d('u')),
+                    manifest: Some(d('b')),
+                    retained: v('b', 'u', Verified),
+                    policy: true,
+                    signed_tag: Some(d('u')),
+                    ..facts()
+                },
+                Step::Reactivate,
+            ),
+            (
+                "policy: served and signed, tag unchanged: up to date without a check",
+                Facts {
+                    current: signed(v('a', 't', Intact)),
+                    tag: Some(d('t')),
+                    policy: true,
+                    ..facts()
+                },
+                Step::UpToDate,
+            ),
+            (
+                "policy added: served unsigned, tag unchanged: verify it",
+                Facts {
+                    current: v('a', 't', Intact),
+                    tag: Some(d('t')),
+                    policy: true,
+                    ..facts()
+                },
+                Step::VerifySignature,
+            ),
+            (
+                "policy added: served unsigned, now verified: record the signer",
+                Facts {
+                    current: v('a', 't', Intact),
+                    tag: Some(d('t')),
+                    policy: true,
+                    signed_tag: Some(d('t')),
+                    ..facts()
+                },
+                Step::Retag,
+            ),
+            (
+                "policy: digest-pinned reference served but unsigned: go online",
+                Facts {
+                    current: v('a', 'r', Intact),
+                    reference_digest: Some(d('r')),
+                    policy: true,
+                    ..facts()
+                },
+                Step::Resolve,
+            ),
+            (
+                "policy: digest-pinned reference served and signed: offline",
+                Facts {
+                    current: signed(v('a', 'r', Intact)),
+                    reference_digest: Some(d('r')),
+                    policy: true,
+                    ..facts()
+                },
+                Step::UpToDate,
+            ),
+            (
+                "policy: pinned to a version recorded unsigned",
+                Facts {
+                    pin: Pin::Active(d('b')),
+                    pinned: v('b', 'u', Intact),
+                    policy: true,
+                    ..facts()
+                },
+                Step::PinnedUnverified,
+            ),
+            (
+                "policy: pinned to a signed version",
+                Facts {
+                    pin: Pin::Active(d('b')),
+                    current: signed(v('a', 't', Intact)),
+                    pinned: signed(v('b', 'u', Intact)),
+                    policy: true,
+                    ..facts()
+                },
+                Step::ServePinned { switch: true },
+            ),
+            (
                 "a stale pin is no pin",
                 Facts {
                     pin: Pin::Stale(d('b')),
@@ -398,6 +567,8 @@ mod tests {
     fn only_fact_steps_ask_for_more() {
         assert!(!Step::Resolve.is_action());
         assert!(!Step::VerifyRetained.is_action());
+        assert!(!Step::VerifySignature.is_action());
+        assert!(Step::PinnedUnverified.is_action());
         assert!(Step::Download.is_action());
         assert!(Step::ServePinned { switch: true }.is_action());
     }

@@ -59,6 +59,24 @@ pub fn environment(target: &Target, m: &VersionManifest) -> Vec<(String, String)
             env.push(("BOOTSYNC_OS_RELEASE".into(), os.clone()));
         }
     }
+    // Who signed it: `unverified` without a signature policy; else the key's fingerprint, or
+    // the certificate's subject and issuer, each in its own variable too.
+    match &m.signature {
+        None => env.push(("BOOTSYNC_SIGNED_BY".into(), "unverified".into())),
+        Some(s) => {
+            env.push(("BOOTSYNC_SIGNED_BY".into(), s.to_string()));
+            let parts = [
+                ("BOOTSYNC_SIGNER_KEY", &s.key),
+                ("BOOTSYNC_SIGNER_ISSUER", &s.issuer),
+                ("BOOTSYNC_SIGNER_SUBJECT", &s.subject),
+            ];
+            for (name, value) in parts {
+                if let Some(v) = value {
+                    env.push((name.into(), v.clone()));
+                }
+            }
+        }
+    }
     env
 }
 

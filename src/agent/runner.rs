@@ -13,6 +13,7 @@ use crate::config::{Settings, Target};
 use crate::digest::Digest;
 use crate::pipeline::{self, PipelineError};
 use crate::registry::{Credentials, ImageManifest, Observer, Registry, RegistryError, TokenCache};
+use crate::signature::{self, Policy, SignatureError, Signer};
 use crate::store::pins::{self, PinState};
 use crate::store::profile::{self, ProfileError};
 use crate::store::{self, Recovery, Store, StoreError, VersionManifest};
@@ -34,6 +35,14 @@ pub enum SyncError {
     Profile(#[from] ProfileError),
     #[error("pinned to {digest}, but that version is not intact in the store: run `bootsync unpin {target}` or roll back to another version")]
     PinnedMissing { target: String, digest: Digest },
+    #[error("{0}")]
+    Signature(#[from] SignatureError),
+    #[error("version {digest} is not signed as the target's [verify] policy asks ({why}): roll back to a version verified under it, or `bootsync unpin {target}`")]
+    Unverified {
+        target: String,
+        digest: Digest,
+        why: String,
+    },
     #[error("pin state in {dir}: {source}")]
     Pin {
         dir: String,
@@ -72,6 +81,8 @@ pub trait Reporter: Send + Sync {
     ) {
     }
     fn repaired(&self, _target: &str) {}
+    /// A signature check ended: `verified`, `unsigned` or `rejected`.
+    fn signature_checked(&self, _target: &str, _result: &'static str) {}
     fn hook_failed(&self, _target: &str) {}
     /// An observer of this target's registry traffic.
     fn observer(&self, _target: &str) -> Option<Arc<dyn Observer>> {
@@ -148,7 +159,7 @@ fn names_for(target: &Target, m: &VersionManifest) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn version_of(m: &VersionManifest, intact: bool) -> Version {
+fn version_of(m: &VersionManifest, intact: bool, policy: Option<&Policy>) -> Version {
     Version {
         digest: m.digest.clone(),
         tag_digest: m.tag_digest.clone(),
@@ -157,6 +168,21 @@ fn version_of(m: &VersionManifest, intact: bool) -> Version {
         } else {
             Integrity::Damaged
         },
+        signed: trusted(policy, m),
+    }
+}
+
+/// Whether version `m` may serve under `policy`: always without one; with one, only when its
+/// record names a signer the policy still trusts.
+fn trusted(policy: Option<&Policy>, m: &VersionManifest) -> bool {
+    policy.is_none_or(|p| m.signature.as_ref().is_some_and(|s| p.accepts(s)))
+}
+
+/// Why version `m` does not satisfy `policy` (for errors).
+fn untrusted_reason(m: &VersionManifest) -> String {
+    match &m.signature {
+        None => "it was published without a signature check".into(),
+        Some(s) => format!("its signer, {s}, is no longer trusted"),
     }
 }
 
@@ -166,6 +192,8 @@ struct Local {
     current: Option<VersionManifest>,
     pinned: Option<VersionManifest>,
     stale_pin: bool,
+    /// Who signed the tag digest, once `Step::VerifySignature` verified it.
+    signer: Option<Signer>,
 }
 
 /// Reads the local facts (pin, current and pinned versions with a cheap integrity check).
@@ -183,11 +211,12 @@ fn local_facts(settings: &Settings, target: &Target, verify: bool) -> Local {
         PinState::None => (Pin::None, None, false),
     };
     let intact = |m: &VersionManifest| store::is_intact(&versions, m, &accepted);
+    let policy = target.verify.as_deref();
     Local {
         facts: Facts {
             pin,
-            current: current.as_ref().map(|m| version_of(m, intact(m))),
-            pinned: pinned.as_ref().map(|m| version_of(m, intact(m))),
+            current: current.as_ref().map(|m| version_of(m, intact(m), policy)),
+            pinned: pinned.as_ref().map(|m| version_of(m, intact(m), policy)),
             verify,
             reference_digest: target
                 .reference
@@ -196,10 +225,13 @@ fn local_facts(settings: &Settings, target: &Target, verify: bool) -> Local {
             tag: None,
             manifest: None,
             retained: None,
+            policy: policy.is_some(),
+            signed_tag: None,
         },
         current,
         pinned,
         stale_pin,
+        signer: None,
     }
 }
 
@@ -295,12 +327,42 @@ async fn resolve_steps(
                 let m = r.image_manifest(&tag, &target.platform).await?;
                 let found = store::read_version(&versions, m.digest.hex());
                 let accepted = target.name_sets();
+                let policy = target.verify.as_deref();
                 local.facts.retained = found
                     .as_ref()
-                    .map(|v| version_of(v, store::is_intact(&versions, v, &accepted)));
+                    .map(|v| version_of(v, store::is_intact(&versions, v, &accepted), policy));
                 local.facts.manifest = Some(m.digest.clone());
                 retained = found;
                 image = Some(m);
+                registry = Some(r);
+            }
+            Step::VerifySignature => {
+                let r = match registry.take() {
+                    Some(r) => r,
+                    None => connect(cx, target)?,
+                };
+                let (tag, policy) = local
+                    .facts
+                    .tag
+                    .clone()
+                    .zip(target.verify.clone())
+                    .ok_or_else(|| {
+                        SyncError::Internal("signature asked without a tag or policy".into())
+                    })?;
+                let found = r.signatures(&tag).await?;
+                let checked = signature::verify(&policy, &tag, &found.material, &found.searched);
+                cx.reporter.signature_checked(
+                    &target.name,
+                    match &checked {
+                        Ok(_) => "verified",
+                        Err(SignatureError::Unsigned { .. }) => "unsigned",
+                        Err(SignatureError::Rejected { .. }) => "rejected",
+                    },
+                );
+                let signer = checked?;
+                tracing::info!(target = %target.name, digest = %tag, signer = %signer, via = %signer.source, "signature verified");
+                local.facts.signed_tag = Some(tag);
+                local.signer = Some(signer);
                 registry = Some(r);
             }
             _ => return Ok((step, image, retained)),
@@ -308,23 +370,35 @@ async fn resolve_steps(
     }
 }
 
-/// The record of a version as published now, from the image it came from.
+/// The record of a version as published now: its files (new, or a retained version's), what
+/// the tag resolved to, and who signed that (kept from the old record when not checked now).
 fn record(
     target: &Target,
-    image: &ImageManifest,
+    digest: &Digest,
     tag: &Digest,
-    files: Vec<store::FileRecord>,
-    boot: Option<store::BootInfo>,
+    old: Option<VersionManifest>,
+    extracted: Option<(Vec<store::FileRecord>, Option<store::BootInfo>)>,
+    signer: Option<Signer>,
 ) -> VersionManifest {
+    let (files, boot, kept) = match (extracted, old) {
+        (Some((files, boot)), _) => (files, boot, None),
+        (None, Some(o)) => (
+            o.files,
+            o.boot,
+            o.signature.filter(|_| o.tag_digest == *tag),
+        ),
+        (None, None) => (Vec::new(), None, None),
+    };
     VersionManifest {
         target: target.name.clone(),
         reference: target.reference.whole(),
         platform: target.platform.to_string(),
-        digest: image.digest.clone(),
+        digest: digest.clone(),
         tag_digest: tag.clone(),
         published_at: store::now_rfc3339(),
         files,
         boot,
+        signature: signer.or(kept),
     }
 }
 
@@ -392,6 +466,17 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
                 changed: true,
             })
         }
+        Step::PinnedUnverified => {
+            let m = local
+                .pinned
+                .clone()
+                .ok_or_else(|| SyncError::Internal("pinned without a version".into()))?;
+            Err(SyncError::Unverified {
+                target: target.name.clone(),
+                why: untrusted_reason(&m),
+                digest: m.digest,
+            })
+        }
         Step::PinnedMissing => {
             let digest = match &local.facts.pin {
                 Pin::Active(d) => d.clone(),
@@ -403,15 +488,21 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
             })
         }
         Step::Retag | Step::Reactivate => {
-            let (image, tag) = image
-                .zip(tag)
-                .ok_or_else(|| SyncError::Internal("reactivate without a manifest".into()))?;
+            let tag = tag.ok_or_else(|| SyncError::Internal("reactivate without a tag".into()))?;
             let existing = match step {
                 Step::Retag => current,
                 _ => retained,
             }
             .ok_or_else(|| SyncError::Internal("reactivate without a version".into()))?;
-            let m = record(&target, &image, &tag, existing.files, existing.boot);
+            let digest = existing.digest.clone();
+            let m = record(
+                &target,
+                &digest,
+                &tag,
+                Some(existing),
+                None,
+                local.signer.clone(),
+            );
             let (t, st, s) = (target.clone(), store.clone(), settings.clone());
             let m = blocking(move || {
                 let m = st.activate(&m, &names_for(&t, &m))?;
@@ -462,7 +553,14 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
             )
             .await?;
             let layout = extracted.layout;
-            let m = record(&target, &image, &tag, extracted.files, extracted.boot);
+            let m = record(
+                &target,
+                &image.digest,
+                &tag,
+                None,
+                Some((extracted.files, extracted.boot)),
+                local.signer.clone(),
+            );
             let (t, st, s) = (target.clone(), store.clone(), settings.clone());
             let m = blocking(move || {
                 // The record was stamped when committed: switching needs no second write.
@@ -503,6 +601,8 @@ pub struct Plan {
     pub preview: Option<pipeline::Preview>,
     /// For a download: space the sync would find missing.
     pub no_space: Option<String>,
+    /// Who signed the tag digest, when the policy asked and it was verified.
+    pub signer: Option<Signer>,
 }
 
 /// What a sync would do, without writing anything (the same decision, stopping short of any
@@ -559,6 +659,7 @@ pub async fn plan(cx: &Context, target: &Target) -> Result<Plan, SyncError> {
         stale_pin,
         preview,
         no_space,
+        signer: local.signer,
     })
 }
 
@@ -774,7 +875,8 @@ impl Runner {
         let (t, s) = (self.target.clone(), self.cx.settings.clone());
         let result = blocking(move || {
             let store = open_store(&t, &s, LOCK_WAIT)?;
-            Ok(store.recover(&t.name_sets())?)
+            let policy = t.verify.as_deref();
+            Ok(store.recover(&t.name_sets(), &|m| trusted(policy, m))?)
         })
         .await;
         let result = match result {
@@ -834,7 +936,8 @@ impl Runner {
             let accepted = t.name_sets();
             let Some(current) = store.current() else {
                 // Only repairable if something is retained; recovery does the fallback.
-                return Ok(match store.recover(&accepted)? {
+                let policy = t.verify.as_deref();
+                return Ok(match store.recover(&accepted, &|m| trusted(policy, m))? {
                     Recovery::FellBack { to, .. } => Repair::Relinked(to),
                     Recovery::NothingIntact { reason } => Repair::NeedsRefetch(reason),
                     Recovery::Empty | Recovery::Intact(_) => Repair::Healthy(None),
@@ -1016,6 +1119,13 @@ fn rollback_blocking(
             reason: "it does not hold the files the config asks for".into(),
         }
         .into());
+    }
+    if !trusted(target.verify.as_deref(), chosen) {
+        return Err(SyncError::Unverified {
+            target: target.name.clone(),
+            digest: chosen.digest.clone(),
+            why: untrusted_reason(chosen),
+        });
     }
     store.verify(chosen)?;
     let m = store.activate(chosen, &names_for(target, chosen))?;

@@ -318,6 +318,10 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
                 println!("{name}: would fail: pinned to a version that is not intact in the store");
                 failed = true;
             }
+            Step::PinnedUnverified => {
+                println!("{name}: would fail: pinned to a version not signed as the [verify] policy asks");
+                failed = true;
+            }
             Step::VerifyCurrent | Step::VerifyPinned => println!("{name}: would re-hash what is served before trusting it"),
             Step::VerifyRetained => println!(
                 "{name}: would re-hash the retained version {manifest} (tag {tag}) and switch to it without a download, or download it again if it is damaged"
@@ -350,9 +354,19 @@ async fn dry_run(settings: Settings, only: &[String]) -> Result<ExitCode> {
                     }
                 }
             }
-            Step::Resolve | Step::FetchManifest => {
+            Step::Resolve | Step::FetchManifest | Step::VerifySignature => {
                 println!("{name}: undecided");
             }
+        }
+        match (&plan.signer, target.verify.is_some()) {
+            (Some(s), _) => println!(
+                "  {tag} is signed by {s}, found at {}",
+                printable(&s.source)
+            ),
+            (None, false) => {
+                println!("  unverified: no [target.verify] policy, signatures are not checked")
+            }
+            (None, true) => {}
         }
     }
     Ok(if failed {
@@ -480,6 +494,12 @@ async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
     let config_path =
         &std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_path_buf());
     let listen = settings.listen;
+    let daemon_settings_files: Vec<PathBuf> = settings
+        .targets
+        .iter()
+        .filter_map(|t| t.verify.as_ref())
+        .flat_map(|p| p.files())
+        .collect();
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -516,7 +536,13 @@ async fn run(settings: Settings, config_path: &Path) -> Result<ExitCode> {
     }
 
     // Reload on SIGHUP and when the config files change; stop on SIGTERM/SIGINT.
-    let _config_watch = match daemon::watch_config(config_path) {
+    // Files named by the config are watched too (keys and trusted roots: a refreshed
+    // trusted_root.json takes effect without a reload by hand). Absolute, as the config path.
+    let named: Vec<PathBuf> = daemon_settings_files
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    let _config_watch = match daemon::watch_config(config_path, &named) {
         Some((watcher, events)) => {
             tokio::spawn(daemon::reload_on_change(
                 daemon.clone(),

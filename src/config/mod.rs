@@ -6,7 +6,10 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use crate::signature::Policy;
 
 pub use crate::bootfile::Kind;
 
@@ -153,6 +156,9 @@ pub struct Target {
     pub layouts: Vec<Layout>,
     pub hook: Option<Hook>,
     pub profile: Option<Profile>,
+    /// Who must have signed what the reference resolves to (`[target.verify]`); `None`: no
+    /// signature is asked for (shown as `unverified`).
+    pub verify: Option<Arc<Policy>>,
 }
 
 /// One way an image may hold a target's files.

@@ -62,8 +62,26 @@ pub struct RawTarget {
     pub hook: Option<Vec<String>>,
     pub hook_timeout: Option<String>,
     pub profile: Option<RawProfile>,
+    pub verify: Option<RawVerify>,
     #[serde(default)]
     pub files: Vec<RawFile>,
+}
+
+/// `[target.verify]`: who must have signed the images.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    pub keys: Option<Vec<String>>,
+    pub identities: Option<Vec<RawIdentity>>,
+    pub trusted_root: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdentity {
+    pub issuer: Option<String>,
+    pub subject: Option<String>,
+    pub subject_regexp: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -4,12 +4,15 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::raw::{RawConfig, RawFile, RawProfile, RawRegistry, RawTarget};
+use crate::signature::IdentitySpec;
+
+use super::raw::{RawConfig, RawFile, RawProfile, RawRegistry, RawTarget, RawVerify};
 use super::{
-    Backoff, FileSpec, Hook, Kind, Layout, Limits, Modes, Platform, Profile, RegistrySettings,
-    Secret, Settings, Target, Timeouts, UkiNames,
+    Backoff, FileSpec, Hook, Kind, Layout, Limits, Modes, Platform, Policy, Profile,
+    RegistrySettings, Secret, Settings, Target, Timeouts, UkiNames,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +380,11 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         )?),
     };
 
+    let verify = match t.verify {
+        None => None,
+        Some(v) => Some(verify(cx, &key("verify"), v)?),
+    };
+
     Ok(Target {
         name,
         reference,
@@ -385,7 +393,31 @@ fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target
         layouts,
         hook,
         profile,
+        verify,
     })
+}
+
+/// `[target.verify]`: the keys and the trusted root are read now, so a bad one is a config
+/// error (`check-config` finds it), not a failed sync.
+fn verify(cx: &Ctx, key: &str, v: RawVerify) -> Result<Arc<Policy>, ConfigError> {
+    let keys: Vec<PathBuf> = v
+        .keys
+        .unwrap_or_default()
+        .into_iter()
+        .map(PathBuf::from)
+        .collect();
+    let identities: Vec<IdentitySpec> = v
+        .identities
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| IdentitySpec {
+            issuer: i.issuer.unwrap_or_default(),
+            subject: i.subject,
+            subject_regexp: i.subject_regexp,
+        })
+        .collect();
+    let root = v.trusted_root.map(PathBuf::from);
+    Policy::load(&keys, &identities, root.as_deref()).map_err(|e| cx.err(key, e.to_string()))
 }
 
 fn file_spec(cx: &Ctx, key: &str, f: RawFile) -> Result<FileSpec, ConfigError> {

@@ -102,6 +102,16 @@ impl Registry {
         self.retrying(|| self.send_authenticated(req, what)).await
     }
 
+    /// Sends a request once (a 401 still gets its token): for a probe whose failure has a
+    /// fallback, such as the referrers API.
+    pub(crate) async fn send_no_retry(
+        &self,
+        req: &Req<'_>,
+        what: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        self.send_authenticated(req, what).await
+    }
+
     /// Sends a request and reads its whole (small, capped) body, retrying both: a connection
     /// that breaks inside a manifest is as transient as one that breaks before it.
     pub(crate) async fn fetch_small(

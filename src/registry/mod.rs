@@ -10,12 +10,14 @@
 //! - `auth`: credentials (files, Docker `config.json`), Bearer tokens and their cache;
 //! - `client`: one request with its timeout, retries with backoff, capped bodies, errors;
 //! - `manifest`: manifests and indexes checked and resolved for a platform (pure);
-//! - `blob`: resumable blob streams.
+//! - `blob`: resumable blob streams;
+//! - `signatures`: where cosign keeps the signatures of a digest, and fetching them.
 
 mod auth;
 mod blob;
 mod client;
 mod manifest;
+mod signatures;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +32,7 @@ use client::Req;
 pub use manifest::{
     resolve_manifest, Descriptor, ImageManifest, Resolved, ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES,
 };
+pub use signatures::{bundle_layer, bundle_referrers, signature_layers};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

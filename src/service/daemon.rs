@@ -298,14 +298,16 @@ fn rewatch(
 }
 
 /// Watches the config file and its drop-in directory; sends one message per settled burst.
-pub fn watch_config(path: &Path) -> Option<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
+pub fn watch_config(
+    path: &Path,
+    also: &[PathBuf],
+) -> Option<(notify::RecommendedWatcher, mpsc::Receiver<()>)> {
     let (tx, rx) = mpsc::channel(1);
     let file = path.to_path_buf();
     let dropins = crate::config::drop_in_dir(path);
     let relevant = {
-        let file = file.clone();
-        let dropins = dropins.clone();
-        move |p: &Path| p == file || p.starts_with(&dropins)
+        let (file, dropins, also) = (file.clone(), dropins.clone(), also.to_vec());
+        move |p: &Path| p == file || p.starts_with(&dropins) || also.iter().any(|a| a == p)
     };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event {
@@ -318,10 +320,19 @@ pub fn watch_config(path: &Path) -> Option<(notify::RecommendedWatcher, mpsc::Re
     .ok()?;
     // Watch the directory, recursively: editors replace files by renaming, which a file watch
     // would lose, and config.d may be created after we start.
-    if let Some(dir) = file.parent() {
-        if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
-            tracing::warn!(%e, "cannot watch the config directory; reload with SIGHUP");
-            return None;
+    let Some(dir) = file.parent() else {
+        return Some((watcher, rx));
+    };
+    if let Err(e) = watcher.watch(dir, RecursiveMode::Recursive) {
+        tracing::warn!(%e, "cannot watch the config directory; reload with SIGHUP");
+        return None;
+    }
+    // Files the config names elsewhere (signature keys, a trusted root): their directories.
+    for other in also.iter().filter_map(|a| a.parent()) {
+        if !other.starts_with(dir) {
+            if let Err(e) = watcher.watch(other, RecursiveMode::NonRecursive) {
+                tracing::warn!(%e, dir = %other.display(), "cannot watch; reload with SIGHUP after changing files there");
+            }
         }
     }
     Some((watcher, rx))

@@ -12,8 +12,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::digest::Digest;
 use crate::registry::Observer;
+use crate::store::VersionManifest;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
@@ -30,6 +30,8 @@ pub struct ResultLabels {
 pub struct PublishedLabels {
     pub target: String,
     pub digest: String,
+    /// Who signed it (`unverified` without a signature policy).
+    pub signed_by: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -51,8 +53,9 @@ pub struct Metrics {
     repairs: Family<TargetLabels, Counter>,
     hook_failures: Family<TargetLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
-    /// The digest each target's `published_info` series names.
-    serving: Mutex<HashMap<String, Digest>>,
+    signatures: Family<ResultLabels, Counter>,
+    /// The labels of each target's `published_info` series.
+    serving: Mutex<HashMap<String, PublishedLabels>>,
 }
 
 fn target(name: &str) -> TargetLabels {
@@ -95,7 +98,7 @@ impl Metrics {
         let published = Family::<PublishedLabels, Gauge>::default();
         registry.register(
             "published_info",
-            "The digest each target currently serves (value 1)",
+            "The digest each target currently serves and who signed it (value 1)",
             published.clone(),
         );
         let repairs = Family::<TargetLabels, Counter>::default();
@@ -116,6 +119,12 @@ impl Metrics {
             "Registry requests by host, kind and status code",
             requests.clone(),
         );
+        let signatures = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "signature_checks",
+            "Signature checks of what a tag resolved to, by target and result (verified, unsigned, rejected)",
+            signatures.clone(),
+        );
         Arc::new(Metrics {
             registry,
             syncs,
@@ -127,6 +136,7 @@ impl Metrics {
             repairs,
             hook_failures,
             requests,
+            signatures,
             serving: Mutex::default(),
         })
     }
@@ -167,35 +177,45 @@ impl Metrics {
         }
     }
 
-    /// Records the digest a target serves (none: nothing), replacing the one it served: one
-    /// `bootsync_published_info` series per target, whoever changed what is served.
-    pub fn serving(&self, name: &str, digest: Option<&Digest>) {
+    /// Records the version a target serves (none: nothing) and who signed it, replacing the
+    /// series of what it served before: one `published_info` series per target.
+    pub fn serving(&self, name: &str, served: Option<&VersionManifest>) {
+        let labels = served.map(|m| PublishedLabels {
+            target: name.to_string(),
+            digest: m.digest.to_string(),
+            signed_by: m
+                .signature
+                .as_ref()
+                .map_or_else(|| "unverified".to_string(), ToString::to_string),
+        });
         let mut serving = self.serving.lock().unwrap_or_else(|e| e.into_inner());
         let old = serving.get(name).cloned();
-        if old.as_ref() != digest {
+        if old != labels {
             if let Some(old) = old {
-                self.published.remove(&PublishedLabels {
-                    target: name.to_string(),
-                    digest: old.to_string(),
-                });
+                self.published.remove(&old);
             }
-            match digest {
-                Some(d) => {
-                    serving.insert(name.to_string(), d.clone());
+            match &labels {
+                Some(l) => {
+                    serving.insert(name.to_string(), l.clone());
                 }
                 None => {
                     serving.remove(name);
                 }
             }
         }
-        if let Some(d) = digest {
-            self.published
-                .get_or_create(&PublishedLabels {
-                    target: name.to_string(),
-                    digest: d.to_string(),
-                })
-                .set(1);
+        if let Some(l) = &labels {
+            self.published.get_or_create(l).set(1);
         }
+    }
+
+    /// A signature check ended (`verified`, `unsigned`, `rejected`).
+    pub fn signature_checked(&self, name: &str, result: &str) {
+        self.signatures
+            .get_or_create(&ResultLabels {
+                target: name.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// Creates a target's counters at zero, so alert rules see them before the first event.
@@ -260,16 +280,41 @@ mod tests {
     fn series_appear_in_the_text_format() {
         let m = Metrics::new();
         m.sync_finished("t", "published", Duration::from_millis(300), 0);
-        let (aa, bb) = (Digest::of(b"aa"), Digest::of(b"bb"));
+        let version = |content: &[u8], signature: Option<crate::store::Signer>| VersionManifest {
+            target: "t".into(),
+            reference: "r/t:1".into(),
+            platform: "linux/arm64".into(),
+            digest: crate::digest::Digest::of(content),
+            tag_digest: crate::digest::Digest::of(content),
+            published_at: String::new(),
+            files: Vec::new(),
+            boot: None,
+            signature,
+        };
+        let signer = crate::store::Signer {
+            kind: "key".into(),
+            key: Some("sha256:ab".into()),
+            key_file: Some("/etc/k.pub".into()),
+            issuer: None,
+            subject: None,
+            format: "cosign v2 signature".into(),
+            source: "tag".into(),
+        };
+        let (aa, bb) = (version(b"aa", None), version(b"bb", Some(signer)));
         m.serving("t", Some(&aa));
         m.serving("t", Some(&bb));
+        m.signature_checked("t", "verified");
+        let (aa, bb) = (aa.digest, bb.digest);
         let o = m.observer("t");
         o.response("ghcr.io", "head", 200);
         o.response("ghcr.io", "blob", 0);
         o.bytes(42);
         let text = m.encode();
-        let bb_line = format!(r#"bootsync_published_info{{target="t",digest="{bb}"}} 1"#);
+        let bb_line = format!(
+            r#"bootsync_published_info{{target="t",digest="{bb}",signed_by="key sha256:ab (/etc/k.pub)"}} 1"#
+        );
         for want in [
+            r#"bootsync_signature_checks_total{target="t",result="verified"} 1"#,
             r#"bootsync_syncs_total{target="t",result="published"} 1"#,
             bb_line.as_str(),
             r#"bootsync_registry_requests_total{host="ghcr.io",kind="head",code="200"} 1"#,

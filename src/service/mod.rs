@@ -26,7 +26,7 @@ pub struct ServiceReporter {
 impl Reporter for ServiceReporter {
     fn state(&self, state: &TargetState) {
         self.board.apply(state);
-        self.metrics.serving(&state.name, state.serving_digest());
+        self.metrics.serving(&state.name, state.serving.as_ref());
     }
 
     fn finished(
@@ -43,7 +43,12 @@ impl Reporter for ServiceReporter {
         if !matches!(label, "recovered" | "healthy") {
             self.metrics.sync_finished(target, label, took, failures);
         }
-        self.metrics.serving(target, serving);
+        // What is served (and who signed it) follows from the state reported next.
+        let _ = serving;
+    }
+
+    fn signature_checked(&self, target: &str, result: &'static str) {
+        self.metrics.signature_checked(target, result);
     }
 
     fn repaired(&self, target: &str) {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use crate::agent::{Phase, TargetState};
 use crate::config::Target;
 use crate::digest::Digest;
-use crate::store::{BootInfo, VersionManifest};
+use crate::store::{BootInfo, Signer, VersionManifest};
 
 /// A target's health at a glance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,10 @@ pub struct Published {
     /// What the UKI the boot files came from said about itself (Talos version, command line).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootInfo>,
+    /// Who signed what the tag resolved to, as verified before this version was served
+    /// (`null`: published without a signature policy).
+    #[serde(default)]
+    pub signature: Option<Signer>,
 }
 
 impl From<&VersionManifest> for Published {
@@ -58,6 +62,7 @@ impl From<&VersionManifest> for Published {
                 })
                 .collect(),
             boot: m.boot.clone(),
+            signature: m.signature.clone(),
         }
     }
 }
@@ -68,6 +73,9 @@ pub struct TargetStatus {
     pub reference: String,
     pub platform: String,
     pub dest: String,
+    /// The signature policy: `unverified` (no `[target.verify]`), or who must have signed.
+    #[serde(default)]
+    pub verify: String,
     pub state: State,
     /// What the target's loop is doing: starting, idle, syncing, repairing, rolling_back,
     /// unpinning.
@@ -114,6 +122,7 @@ fn fresh(t: &Target) -> TargetStatus {
         reference: t.reference.whole(),
         platform: t.platform.to_string(),
         dest: t.dest.display().to_string(),
+        verify: verify_of(t),
         state: State::Pending,
         phase: Phase::Starting.as_str().to_string(),
         published: None,
@@ -128,6 +137,12 @@ fn fresh(t: &Target) -> TargetStatus {
         hook_failures: 0,
         last_hook_error: None,
     }
+}
+
+fn verify_of(t: &Target) -> String {
+    t.verify
+        .as_ref()
+        .map_or_else(|| "unverified".to_string(), |p| p.describe())
 }
 
 pub fn rfc3339(t: SystemTime) -> String {
@@ -169,6 +184,7 @@ impl Board {
                         reference: t.reference.whole(),
                         platform: t.platform.to_string(),
                         dest: t.dest.display().to_string(),
+                        verify: verify_of(t),
                         ..o.clone()
                     },
                     None => fresh(t),

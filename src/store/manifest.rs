@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::fs::{write_atomic, TMP_PREFIX};
 use crate::config::Modes;
 use crate::digest::Digest;
+pub use crate::signature::Signer;
 
 pub const MANIFEST: &str = ".bootsync.json";
 
@@ -41,6 +42,10 @@ pub struct VersionManifest {
     /// What a UKI said about itself, when the version's boot files came from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot: Option<BootInfo>,
+    /// Who signed what the reference resolved to, verified before this version was
+    /// published or re-activated (absent: published without a signature policy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signer>,
 }
 
 /// Read from a UKI's sections when it is split: what a profile and `/status` show.

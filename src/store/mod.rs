@@ -26,7 +26,7 @@ use self::fs::{
 };
 use crate::config::Modes;
 use crate::digest::Digest;
-pub use manifest::{names_of, now_rfc3339, BootInfo, FileRecord, VersionManifest};
+pub use manifest::{names_of, now_rfc3339, BootInfo, FileRecord, Signer, VersionManifest};
 use manifest::{published_time, read_manifest, write_manifest};
 
 const STAGING_PREFIX: &str = ".staging-";
@@ -386,7 +386,11 @@ impl Store {
 
     /// Startup recovery: verify `current` by content; when it is damaged or gone, fall back to
     /// the newest retained version that verifies; repair links either way.
-    pub fn recover(&self, accepted: &[Vec<String>]) -> Result<Recovery, StoreError> {
+    pub fn recover(
+        &self,
+        accepted: &[Vec<String>],
+        trusted: &dyn Fn(&VersionManifest) -> bool,
+    ) -> Result<Recovery, StoreError> {
         let link = std::fs::read_link(self.dest.join("current")).ok();
         let current = self.current();
         let reason = match &current {
@@ -410,6 +414,11 @@ impl Store {
                 continue;
             };
             if Some(&candidate.digest) == from.as_ref() || !self.is_intact(&candidate, accepted) {
+                continue;
+            }
+            // Under a signature policy, only a version verified as it asks may serve.
+            if !trusted(&candidate) {
+                tracing::warn!(digest = %candidate.digest, "retained version not signed as the policy asks: not falling back to it");
                 continue;
             }
             if let Err(e) = self.verify(&candidate) {
@@ -517,6 +526,7 @@ mod tests {
                 })
                 .collect(),
             boot: None,
+            signature: None,
         }
     }
 
@@ -727,7 +737,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
             publish(&store, "cc", &[("k", b"three")]);
             assert!(
-                matches!(store.recover(&names).unwrap(), Recovery::Intact(m) if m.hex() == h("cc"))
+                matches!(store.recover(&names, &|_| true).unwrap(), Recovery::Intact(m) if m.hex() == h("cc"))
             );
         }
         std::fs::write(
@@ -737,7 +747,7 @@ mod tests {
         .unwrap();
         std::fs::remove_file(tmp.path().join("k")).unwrap();
         let store = Store::open(tmp.path(), &Modes::default()).unwrap();
-        match store.recover(&names).unwrap() {
+        match store.recover(&names, &|_| true).unwrap() {
             Recovery::FellBack { from, to, reason } => {
                 assert_eq!(from, Some(test_digest("cc")));
                 assert_eq!(to.hex(), h("bb"));
@@ -746,6 +756,22 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"two");
+        drop(store);
+        // Under a signature policy only trusted versions are fallen back to: with cc whole
+        // again and bb (current) damaged, the newest intact one is cc, but only aa is trusted.
+        std::fs::write(
+            tmp.path().join("versions").join(h("cc")).join("k"),
+            b"three",
+        )
+        .unwrap();
+        std::fs::write(tmp.path().join("versions").join(h("bb")).join("k"), b"TWO").unwrap();
+        let store = Store::open(tmp.path(), &Modes::default()).unwrap();
+        let only_aa = |m: &VersionManifest| m.hex() == h("aa");
+        match store.recover(&names, &only_aa).unwrap() {
+            Recovery::FellBack { to, .. } => assert_eq!(to.hex(), h("aa")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"one");
     }
 
     #[test]
@@ -756,13 +782,13 @@ mod tests {
         publish(&store, "aa", &[("k", b"one")]);
         std::fs::remove_file(tmp.path().join("k")).unwrap();
         assert!(matches!(
-            store.recover(&names).unwrap(),
+            store.recover(&names, &|_| true).unwrap(),
             Recovery::Intact(_)
         ));
         assert_eq!(std::fs::read(tmp.path().join("k")).unwrap(), b"one");
         let empty = tempfile::tempdir().unwrap();
         let store = Store::open(empty.path(), &Modes::default()).unwrap();
-        assert_eq!(store.recover(&names).unwrap(), Recovery::Empty);
+        assert_eq!(store.recover(&names, &|_| true).unwrap(), Recovery::Empty);
     }
 
     #[test]

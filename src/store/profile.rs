@@ -189,6 +189,7 @@ mod tests {
             published_at: String::new(),
             files: Vec::new(),
             boot: None,
+            signature: None,
         }
     }
 

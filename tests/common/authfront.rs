@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 pub const SERVICE: &str = "bootsync-test";
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Request bodies larger than this are cut (the tests push small manifests and blobs).
+const MAX_BODY: u64 = 64 << 20;
 
 /// Where a request went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,9 +366,10 @@ fn serve(shared: &Shared, stream: &TcpStream) -> std::io::Result<()> {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.clone())
     };
-    // Drain a request body (none expected) so the client is not reset.
+    // The request body, forwarded with the request (pushes: manifests and blob uploads).
+    let mut body = Vec::new();
     if let Some(n) = header("content-length").and_then(|v| v.parse::<u64>().ok()) {
-        std::io::copy(&mut (&mut reader).take(n), &mut std::io::sink())?;
+        (&mut reader).take(n.min(MAX_BODY)).read_to_end(&mut body)?;
     }
     let authorization = header("authorization");
     let at = Instant::now();
@@ -396,7 +399,14 @@ fn serve(shared: &Shared, stream: &TcpStream) -> std::io::Result<()> {
         token(shared, &method, authorization.as_deref())
     } else if path.starts_with("/v2/") {
         (
-            registry(shared, &method, &path, &header, authorization.as_deref()),
+            registry(
+                shared,
+                &method,
+                &path,
+                &header,
+                authorization.as_deref(),
+                &body,
+            ),
             None,
         )
     } else {
@@ -466,6 +476,7 @@ fn registry(
     path: &str,
     header: &dyn Fn(&str) -> Option<String>,
     authorization: Option<&str>,
+    body: &[u8],
 ) -> Reply {
     let allowed = {
         let st = lock(&shared.state);
@@ -475,7 +486,7 @@ fn registry(
     };
     if !allowed {
         let rest = path.trim_start_matches("/v2/");
-        let repo = ["/manifests/", "/blobs/", "/tags/"]
+        let repo = ["/manifests/", "/blobs/", "/tags/", "/referrers/"]
             .iter()
             .find_map(|m| rest.find(m).map(|i| &rest[..i]));
         let mut challenge = format!("Bearer realm=\"{}\",service=\"{SERVICE}\"", shared.realm);
@@ -491,14 +502,14 @@ fn registry(
         return r;
     }
     let mut fwd: Vec<(&str, String)> = Vec::new();
-    for name in ["Accept", "Range"] {
+    for name in ["Accept", "Range", "Content-Type"] {
         if let Some(v) = header(name) {
             fwd.push((name, v));
         }
     }
     let fwd_refs: Vec<(&str, &str)> = fwd.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let url = format!("http://{}{}", shared.upstream, path);
-    match http::request(method, &url, &fwd_refs, &[], IO_TIMEOUT) {
+    match http::request(method, &url, &fwd_refs, body, IO_TIMEOUT) {
         Ok(resp) => {
             let head_length = resp.header("content-length").map(str::to_string);
             let headers = resp

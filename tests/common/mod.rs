@@ -17,6 +17,7 @@ pub mod rawimage;
 pub mod rawtar;
 pub mod registry;
 pub mod served;
+pub mod signing;
 pub mod tmpfs;
 
 pub use bootsync::*;

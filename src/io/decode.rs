@@ -6,6 +6,11 @@ use std::io::{self, BufRead, Read};
 
 /// zstd layers made with `--long` need a window above the default 2^27; the format's maximum.
 const ZSTD_WINDOW_LOG_MAX: u32 = 31;
+/// Boot files are read as the kernel reads them: its zstd decoder for the initramfs and the
+/// zboot payload takes windows up to 2^27 (`ZSTD_WINDOWLOG_MAX` in lib/decompress_unzstd.c), so
+/// a larger window would not boot, and a 12-byte frame header must not make us allocate 2 GiB
+/// (a fuzz finding, `fuzz/seeds/initramfs/zstd-window-2g`).
+const BOOT_ZSTD_WINDOW_LOG_MAX: u32 = 27;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,10 +66,10 @@ pub fn zstd_frames<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> 
     Ok(d)
 }
 
-/// One zstd frame, leaving what follows it unread.
+/// One zstd frame of a boot file, leaving what follows it unread.
 pub fn zstd_frame<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> {
     let mut d = zstd::stream::read::Decoder::with_buffer(inner)?.single_frame();
-    d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    d.window_log_max(BOOT_ZSTD_WINDOW_LOG_MAX)?;
     Ok(d)
 }
 
@@ -93,6 +98,25 @@ mod tests {
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "first second");
+    }
+
+    #[test]
+    fn boot_file_frames_are_refused_beyond_the_kernels_window() {
+        // The fuzz finding: a frame header announcing a 2 GiB window (`0xa8`), no content.
+        let header = [40u8, 181, 47, 253, 4, 168, 0, 205, 2, 3, 142, 210];
+        let mut out = Vec::new();
+        let e = zstd_frame(&header[..])
+            .and_then(|mut d| d.read_to_end(&mut out))
+            .unwrap_err();
+        assert!(e.to_string().contains("too much memory"), "{e}");
+        // A frame within 2^27 decodes.
+        let small = zstd::encode_all(&b"initramfs"[..], 3).unwrap();
+        let mut out = Vec::new();
+        zstd_frame(&small[..])
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"initramfs");
     }
 
     #[test]

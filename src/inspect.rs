@@ -14,7 +14,9 @@ use crate::bootfile::Kind;
 use crate::config::{Limits, Platform, RegistrySettings, Settings, Timeouts};
 use crate::digest::Digest;
 use crate::pipeline::{self, Candidate, PipelineError};
-use crate::registry::{Credentials, Observer, Registry, RegistryError};
+use crate::registry::{
+    Access, Clients, Credentials, HelperCache, Observer, Registry, RegistryError,
+};
 use crate::signature::Claim;
 
 #[derive(Debug, thiserror::Error)]
@@ -140,9 +142,29 @@ pub async fn inspect(
         ),
     };
     registry_settings.insecure |= insecure;
-    let credentials = Credentials::from_settings(&registry_settings, docker_config.as_deref())?;
-    let registry = Registry::connect(&reference, &registry_settings, credentials, timeouts)?
-        .with_observer(observer);
+    let helpers = HelperCache::default();
+    let credentials = |h: &str| {
+        let own = match settings {
+            Some(s) => s.registry(h),
+            None => RegistrySettings {
+                host: h.to_string(),
+                ..Default::default()
+            },
+        };
+        let own = if h == host {
+            registry_settings.clone()
+        } else {
+            own
+        };
+        Credentials::from_settings(&own, docker_config.as_deref(), &helpers)
+    };
+    let clients = Clients::default();
+    let access = Access {
+        settings: &registry_settings,
+        credentials: &credentials,
+        clients: &clients,
+    };
+    let registry = Registry::connect(&reference, access, timeouts)?.with_observer(observer);
     let digest = registry.resolve(&reference).await?;
     let (signatures, signatures_searched) = match registry.signatures(&digest).await {
         Ok(found) => (

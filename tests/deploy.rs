@@ -104,6 +104,35 @@ fn units_with_binary(src_dir: &Path, dir: &Path, bin: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// `deploy/prometheus/bootsync-rules.yml` passes `promtool check rules`, and its unit tests
+/// (`bootsync-rules.test.yml`, series shaped like bootsync's /metrics) pass `promtool test rules`.
+/// `tests/networks.rs` checks that every series the rules name is in a live daemon's /metrics.
+#[test]
+fn alert_rules_pass_promtool() {
+    let promtool = find_tool("promtool").unwrap_or_else(|| {
+        panic!(
+            "promtool not found: install the `prometheus` package (apt-get install -y prometheus)"
+        )
+    });
+    let dir = repo().join("deploy/prometheus");
+    let check = run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules", "bootsync-rules.yml"])
+            .current_dir(&dir),
+    );
+    assert!(
+        text(&check).contains("SUCCESS: 6 rules found"),
+        "{}",
+        text(&check)
+    );
+    let test = run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules", "bootsync-rules.test.yml"])
+            .current_dir(&dir),
+    );
+    assert!(text(&test).contains("SUCCESS"), "{}", text(&test));
+}
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let tmp = tempfile::tempdir().unwrap();

@@ -12,7 +12,10 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::{Settings, Target};
 use crate::digest::Digest;
 use crate::pipeline::{self, PipelineError};
-use crate::registry::{Credentials, ImageManifest, Observer, Registry, RegistryError, TokenCache};
+use crate::registry::{
+    Access, Clients, Credentials, HelperCache, ImageManifest, Observer, Registry, RegistryError,
+    TokenCache,
+};
 use crate::signature::{self, Policy, SignatureError, Signer};
 use crate::store::pins::{self, PinState};
 use crate::store::profile::{self, ProfileError};
@@ -81,6 +84,10 @@ pub trait Reporter: Send + Sync {
     ) {
     }
     fn repaired(&self, _target: &str) {}
+    /// The target's reference resolved to `digest`.
+    fn tag_resolved(&self, _target: &str, _digest: &Digest) {}
+    /// Free bytes of the target's dest file system, after an operation.
+    fn free_space(&self, _target: &str, _bytes: u64) {}
     /// A signature check ended: `verified`, `unsigned` or `rejected`.
     fn signature_checked(&self, _target: &str, _result: &'static str) {}
     fn hook_failed(&self, _target: &str) {}
@@ -98,11 +105,13 @@ pub struct Quiet;
 impl Reporter for Quiet {}
 
 /// What the operations of every target share: the settings (replaced on reload), cached
-/// registry tokens, the reporter.
+/// registry tokens, the HTTP clients (their connections reused across polls), the reporter.
 #[derive(Clone)]
 pub struct Context {
     pub settings: Arc<Settings>,
     pub tokens: TokenCache,
+    pub helpers: HelperCache,
+    pub clients: Clients,
     pub reporter: Arc<dyn Reporter>,
 }
 
@@ -111,6 +120,8 @@ impl Context {
         Context {
             settings: Arc::new(settings),
             tokens: TokenCache::default(),
+            helpers: HelperCache::default(),
+            clients: Clients::default(),
             reporter,
         }
     }
@@ -239,12 +250,21 @@ fn local_facts(settings: &Settings, target: &Target, verify: bool) -> Local {
 fn connect(cx: &Context, target: &Target) -> Result<Registry, SyncError> {
     let settings = &cx.settings;
     let registry_settings = settings.registry(target.reference.resolve_registry());
-    let credentials =
-        Credentials::from_settings(&registry_settings, settings.docker_config.as_deref())?;
+    // Each host its own credentials: a mirror never sees the upstream's.
+    let credentials = |host: &str| {
+        Credentials::from_settings(
+            &settings.registry(host),
+            settings.docker_config.as_deref(),
+            &cx.helpers,
+        )
+    };
     Ok(Registry::connect(
         &target.reference,
-        &registry_settings,
-        credentials,
+        Access {
+            settings: &registry_settings,
+            credentials: &credentials,
+            clients: &cx.clients,
+        },
         settings.timeouts,
     )?
     .with_tokens(cx.tokens.clone())
@@ -253,13 +273,22 @@ fn connect(cx: &Context, target: &Target) -> Result<Registry, SyncError> {
 
 /// The facts the registry gives, asked one step at a time until `decide` names an action or a
 /// step `stop` says not to take (the dry run does not re-hash). Returns the step reached, the
-/// platform manifest fetched and the retained version found for it.
+/// platform manifest fetched, the retained version found for it, and the registry connection
+/// (a download goes on with it: a mirror found unreachable stays skipped).
 async fn resolve_steps(
     cx: &Context,
     target: &Target,
     local: &mut Local,
     stop: impl Fn(&Step) -> bool,
-) -> Result<(Step, Option<ImageManifest>, Option<VersionManifest>), SyncError> {
+) -> Result<
+    (
+        Step,
+        Option<ImageManifest>,
+        Option<VersionManifest>,
+        Option<Registry>,
+    ),
+    SyncError,
+> {
     let mut registry: Option<Registry> = None;
     let mut image: Option<ImageManifest> = None;
     let mut retained: Option<VersionManifest> = None;
@@ -267,7 +296,7 @@ async fn resolve_steps(
     loop {
         let step = decide(&local.facts);
         if step.is_action() || stop(&step) {
-            return Ok((step, image, retained));
+            return Ok((step, image, retained, registry));
         }
         let verify_one = |m: Option<VersionManifest>| async {
             let Some(m) = m else {
@@ -312,7 +341,9 @@ async fn resolve_steps(
                     Some(r) => r,
                     None => connect(cx, target)?,
                 };
-                local.facts.tag = Some(r.resolve(&target.reference).await?);
+                let tag = r.resolve(&target.reference).await?;
+                cx.reporter.tag_resolved(&target.name, &tag);
+                local.facts.tag = Some(tag);
                 registry = Some(r);
             }
             Step::FetchManifest => {
@@ -365,7 +396,7 @@ async fn resolve_steps(
                 local.signer = Some(signer);
                 registry = Some(r);
             }
-            _ => return Ok((step, image, retained)),
+            _ => return Ok((step, image, retained, registry)),
         }
     }
 }
@@ -422,7 +453,8 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
         })
         .await?;
     }
-    let (step, image, retained) = resolve_steps(&cx, &target, &mut local, |_| false).await?;
+    let (step, image, retained, registry) =
+        resolve_steps(&cx, &target, &mut local, |_| false).await?;
     let (s, t) = (settings.clone(), target.clone());
     let store = Arc::new(blocking(move || open_store(&t, &s, Duration::ZERO)).await?);
     let current = local.current.clone();
@@ -542,7 +574,10 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
                 Ok(st.stage(&hex)?)
             })
             .await?;
-            let registry = connect(&cx, &target)?;
+            let registry = match registry {
+                Some(r) => r,
+                None => connect(&cx, &target)?,
+            };
             let extracted = pipeline::extract(
                 &registry,
                 &image.layers,
@@ -616,7 +651,7 @@ pub async fn plan(cx: &Context, target: &Target) -> Result<Plan, SyncError> {
         Pin::Stale(d) => Some(d.clone()),
         _ => None,
     };
-    let (step, image, _) = resolve_steps(cx, target, &mut local, |s| {
+    let (step, image, _, _) = resolve_steps(cx, target, &mut local, |s| {
         matches!(
             s,
             Step::VerifyCurrent | Step::VerifyPinned | Step::VerifyRetained
@@ -820,6 +855,10 @@ impl Runner {
             }
         };
         self.cx.reporter.state(&self.state);
+        let dest = self.target.dest.clone();
+        if let Ok(Ok(free)) = tokio::task::spawn_blocking(move || store::free_space(&dest)).await {
+            self.cx.reporter.free_space(&self.target.name, free);
+        }
         if let Ok(Done {
             serving: Some(m),
             changed: true,

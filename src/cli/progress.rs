@@ -76,7 +76,7 @@ impl Observer for Bar {
         });
     }
 
-    fn bytes(&self, n: u64) {
+    fn bytes(&self, _host: &str, n: u64) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = state.as_mut() {
             l.done += n;

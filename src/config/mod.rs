@@ -140,6 +140,37 @@ pub struct RegistrySettings {
     pub password_file: Option<PathBuf>,
     /// A bearer token sent as is (read at each sync).
     pub token_file: Option<PathBuf>,
+    /// Mirrors tried in order before this registry (containerd's `hosts.toml` mirrors).
+    pub mirrors: Vec<Mirror>,
+    /// An HTTP(S) proxy for this registry (not its mirrors), instead of the environment's.
+    pub proxy: Option<ProxySettings>,
+}
+
+/// A mirror of a registry: untrusted (every digest is checked), tried before the registry
+/// itself, skipped on connection errors, timeouts, 5xx, 404 and content that fails its digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// `scheme://host[:port]`.
+    pub base: String,
+    /// `host[:port]`: how logs, `/status` and `/metrics` name it, and the key of its own
+    /// credentials (a `[[registry]]` entry or `config.json` entry for that host, never the
+    /// upstream's).
+    pub host: String,
+    /// A path the mirror puts before repository names (an ECR pull-through cache's prefix).
+    pub prefix: Option<String>,
+    /// Accept a TLS certificate that does not verify (plain HTTP needs no flag beyond the
+    /// `http://` URL and `insecure = true`).
+    pub skip_verify: bool,
+    /// Also resolve tags here (else tags go to the registry, content to the mirror).
+    pub resolve: bool,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// An explicit proxy: its URL (without credentials) and a file holding `user:password`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProxySettings {
+    pub url: String,
+    pub credentials_file: Option<PathBuf>,
 }
 
 /// One image reference kept in step with one destination directory.

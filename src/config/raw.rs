@@ -47,6 +47,19 @@ pub struct RawRegistry {
     pub username: Option<String>,
     pub password_file: Option<String>,
     pub token_file: Option<String>,
+    pub mirrors: Option<Vec<RawMirror>>,
+    pub proxy: Option<String>,
+    pub proxy_credentials_file: Option<String>,
+}
+
+/// One `mirrors = [{ url = ..., insecure = ..., resolve = ... }]` entry of a `[[registry]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMirror {
+    pub url: Option<String>,
+    pub insecure: Option<bool>,
+    pub resolve: Option<bool>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

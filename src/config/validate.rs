@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use crate::signature::IdentitySpec;
 
-use super::raw::{RawConfig, RawFile, RawProfile, RawRegistry, RawTarget, RawVerify};
+use super::raw::{RawConfig, RawFile, RawMirror, RawProfile, RawRegistry, RawTarget, RawVerify};
 use super::{
-    Backoff, FileSpec, Hook, Kind, Layout, Limits, Modes, Platform, Policy, Profile,
-    RegistrySettings, Secret, Settings, Target, Timeouts, UkiNames,
+    Backoff, FileSpec, Hook, Kind, Layout, Limits, Mirror, Modes, Platform, Policy, Profile,
+    ProxySettings, RegistrySettings, Secret, Settings, Target, Timeouts, UkiNames,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +268,26 @@ fn registry(cx: &Ctx, i: usize, r: RawRegistry) -> Result<RegistrySettings, Conf
             "use either token_file or username/password_file",
         ));
     }
+    let mirrors = r
+        .mirrors
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(j, m)| mirror(cx, &key(&format!("mirrors[{j}]")), &host, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    if r.proxy_credentials_file.is_some() && r.proxy.is_none() {
+        return Err(cx.err(
+            key("proxy_credentials_file"),
+            "needs a proxy = \"http://host:port\"",
+        ));
+    }
+    let proxy = match r.proxy {
+        None => None,
+        Some(url) => Some(ProxySettings {
+            url: proxy_url(&url).map_err(|e| cx.err(key("proxy"), e))?,
+            credentials_file: r.proxy_credentials_file.map(PathBuf::from),
+        }),
+    };
     Ok(RegistrySettings {
         host,
         insecure: r.insecure.unwrap_or(false),
@@ -275,7 +295,80 @@ fn registry(cx: &Ctx, i: usize, r: RawRegistry) -> Result<RegistrySettings, Conf
         username: r.username,
         password_file: r.password_file.map(PathBuf::from),
         token_file: r.token_file.map(PathBuf::from),
+        mirrors,
+        proxy,
     })
+}
+
+/// A mirror URL: `http(s)://host[:port][/prefix]`, plain HTTP only with `insecure = true`.
+fn mirror(cx: &Ctx, key: &str, upstream: &str, m: RawMirror) -> Result<Mirror, ConfigError> {
+    let sub = |k: &str| format!("{key}.{k}");
+    let text = m.url.ok_or_else(|| cx.err(sub("url"), "missing"))?;
+    let url = reqwest::Url::parse(&text)
+        .map_err(|e| cx.err(sub("url"), format!("{text:?} is not a URL: {e}")))?;
+    let insecure = m.insecure.unwrap_or(false);
+    let bad = |why: &str| cx.err(sub("url"), format!("{text:?}: {why}"));
+    match url.scheme() {
+        "https" => {}
+        "http" if insecure => {}
+        "http" => return Err(bad("plain HTTP needs insecure = true")),
+        _ => return Err(bad("the scheme must be http or https")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(
+            "credentials do not belong in the URL: give the mirror's host a [[registry]] entry",
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(bad("no query or fragment"));
+    }
+    let host = match (url.host_str(), url.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        (None, _) => return Err(bad("no host")),
+    };
+    if host == upstream {
+        return Err(bad("a registry cannot be its own mirror"));
+    }
+    let prefix = url.path().trim_matches('/');
+    let prefix = if prefix.is_empty() {
+        None
+    } else if prefix
+        .strip_prefix("v2")
+        .is_some_and(|r| r.is_empty() || r.starts_with('/'))
+    {
+        return Err(bad("give the mirror's root, without /v2"));
+    } else {
+        Some(prefix.to_string())
+    };
+    Ok(Mirror {
+        base: format!("{}://{host}", url.scheme()),
+        host,
+        prefix,
+        skip_verify: insecure && url.scheme() == "https",
+        resolve: m.resolve.unwrap_or(true),
+        ca_file: m.ca_file.map(PathBuf::from),
+    })
+}
+
+/// A proxy URL: `http://` or `https://`, credentials kept out (they come from a file). The
+/// messages never repeat the text: a mistyped one may hold a password.
+fn proxy_url(text: &str) -> Result<String, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Say so without repeating the URL: it holds a secret.
+        return Err(
+            "credentials do not belong in the proxy URL: put user:password in proxy_credentials_file"
+                .into(),
+        );
+    }
+    if url.host_str().is_none() {
+        return Err("no host".into());
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 fn target(cx: &Ctx, i: usize, t: RawTarget, assets_root: &Path) -> Result<Target, ConfigError> {
@@ -832,6 +925,84 @@ preset = "demo"
                 "{names:?}"
             );
         }
+    }
+
+    #[test]
+    fn mirrors_and_proxies_are_parsed_and_checked() {
+        let with = |block: &str| format!("{MINIMAL}\n[[registry]]\nhost = \"ghcr.io\"\n{block}\n");
+        let s = parse(&with(
+            r#"mirrors = [
+  { url = "http://mirror.site:5000", insecure = true },
+  { url = "https://123.dkr.ecr.us-east-1.amazonaws.com/ghcr/", resolve = false },
+]
+proxy = "http://proxy.corp:3128/"
+proxy_credentials_file = "/etc/bootsync/proxy""#,
+        ))
+        .unwrap();
+        let r = s.registry("ghcr.io");
+        assert_eq!(r.mirrors.len(), 2);
+        let (m0, m1) = (&r.mirrors[0], &r.mirrors[1]);
+        assert_eq!(
+            (
+                m0.base.as_str(),
+                m0.host.as_str(),
+                m0.prefix.as_deref(),
+                m0.resolve
+            ),
+            ("http://mirror.site:5000", "mirror.site:5000", None, true)
+        );
+        assert_eq!(
+            (
+                m1.base.as_str(),
+                m1.prefix.as_deref(),
+                m1.resolve,
+                m1.skip_verify
+            ),
+            (
+                "https://123.dkr.ecr.us-east-1.amazonaws.com",
+                Some("ghcr"),
+                false,
+                false
+            )
+        );
+        let p = r.proxy.unwrap();
+        assert_eq!(p.url, "http://proxy.corp:3128");
+        assert_eq!(
+            p.credentials_file,
+            Some(PathBuf::from("/etc/bootsync/proxy"))
+        );
+
+        for (block, needle) in [
+            (
+                r#"mirrors = [{ url = "http://m:5000" }]"#,
+                "plain HTTP needs insecure = true",
+            ),
+            (r#"mirrors = [{ url = "ftp://m" }]"#, "scheme"),
+            (
+                r#"mirrors = [{ url = "https://u:p@m" }]"#,
+                "credentials do not belong",
+            ),
+            (r#"mirrors = [{ url = "https://m/v2/" }]"#, "without /v2"),
+            (
+                r#"mirrors = [{ url = "https://ghcr.io" }]"#,
+                "its own mirror",
+            ),
+            (r#"mirrors = [{ insecure = true }]"#, "mirrors[0].url"),
+            (r#"mirrors = [{ url = "https://m", colour = 1 }]"#, "colour"),
+            (r#"proxy_credentials_file = "/x""#, "needs a proxy"),
+            (r#"proxy = "socks5://p:1080""#, "http or https"),
+        ] {
+            let e = err(&with(block));
+            assert!(e.contains(needle), "{block}: {e}");
+        }
+        // A proxy URL with a password in it is refused without repeating it.
+        let e = err(&with(r#"proxy = "http://robot:hunter2@p:3128""#));
+        assert!(
+            e.contains("proxy_credentials_file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        let e = err(&with(r#"proxy = "http://robot:hunter2@""#));
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -220,9 +220,50 @@ pub async fn extract(
     modes: &Modes,
     limits: &Limits,
 ) -> Result<Extracted, PipelineError> {
-    Run::new(layers, layouts, staging, modes, limits)?
-        .extract(registry)
-        .await
+    loop {
+        let run = Run::new(layers, layouts, staging, modes, limits)?
+            .extract(registry)
+            .await;
+        // A blob that failed its digest after a mirror sent (some of) it is read again, with
+        // that mirror skipped for it; one the registry itself sent fails the sync.
+        let bad = match &run {
+            Err(PipelineError::DigestMismatch { digest, .. })
+            | Err(PipelineError::SizeMismatch { digest, .. }) => digest.clone(),
+            _ => return run,
+        };
+        let mirrors = registry.distrust(&bad);
+        if mirrors.is_empty() {
+            return run;
+        }
+        if let Err(e) = &run {
+            tracing::warn!(
+                layer = %bad,
+                mirrors = %mirrors.join(", "),
+                "{e}; skipping the mirror for this blob and starting the image again"
+            );
+        }
+        let dir = staging.to_path_buf();
+        tokio::task::spawn_blocking(move || empty_dir(&dir))
+            .await
+            .map_err(|e| PipelineError::Join(e.to_string()))?
+            .map_err(|source| PipelineError::Write {
+                path: staging.to_path_buf(),
+                source,
+            })?;
+    }
+}
+
+/// Removes everything inside `dir`, keeping `dir`.
+fn empty_dir(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            fs::remove_dir_all(entry.path())?;
+        } else {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Finds the boot-file-like files of an image (`bootsync inspect`), reading layers from the top

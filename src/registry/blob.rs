@@ -1,6 +1,8 @@
 //! Blob downloads that resume: a connection that breaks or stalls part way is resumed with a
 //! `Range` request from the byte reached, asking the registry URL again (an expired storage
-//! redirect is renewed), so nothing is fetched twice.
+//! redirect is renewed), so nothing is fetched twice. Mirrors are asked first; a mirror that
+//! fails is left for the next endpoint, which resumes from the byte reached (the bytes of a
+//! digest are the same wherever they come from, and the whole is hashed).
 
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
 use super::client::{content_range_start, Req};
+use super::endpoint::{Endpoint, Purpose};
 use super::{Descriptor, Registry, RegistryError};
 
 /// How often a broken blob download is resumed before giving up.
@@ -51,10 +54,34 @@ impl Registry {
         };
         let mut offset: u64 = 0;
         let mut attempt = 0;
+        // Mirrors that failed this blob: the next endpoint takes over.
+        let mut passed = vec![false; self.endpoints.len()];
+        let upstream = self.endpoints.len() - 1;
         loop {
+            let i = (0..upstream)
+                .find(|&i| !passed[i] && self.eligible(i, Purpose::Content(Some(&desc.digest))))
+                .unwrap_or(upstream);
+            let ep = &self.endpoints[i];
+            if ep.mirror {
+                match self.blob_attempt(ep, i, desc, offset, tx, hasher).await {
+                    Ok(_) => {
+                        self.endpoint_ok(ep);
+                        return Ok(());
+                    }
+                    Err((reached, e)) => {
+                        offset = reached;
+                        passed[i] = true;
+                        self.mirror_failed(ep, &e);
+                        continue;
+                    }
+                }
+            }
             attempt += 1;
-            match self.blob_attempt(desc, offset, tx, hasher).await {
-                Ok(AttemptEnd::Done) | Ok(AttemptEnd::ConsumerGone) => return Ok(()),
+            match self.blob_attempt(ep, i, desc, offset, tx, hasher).await {
+                Ok(AttemptEnd::Done) | Ok(AttemptEnd::ConsumerGone) => {
+                    self.endpoint_ok(ep);
+                    return Ok(());
+                }
                 Err((reached, e)) => {
                     // Progress earns a fresh set of attempts (counting the one that made it); a
                     // blob that never moves does not.
@@ -63,9 +90,10 @@ impl Registry {
                     }
                     offset = reached;
                     if attempt >= BLOB_ATTEMPTS || !e.is_transient() {
+                        self.endpoint_failed(ep, &e);
                         return Err(fail(format!(
-                            "at byte {offset} of {} (attempt {attempt}): {e}",
-                            desc.size
+                            "at byte {offset} of {} from {} (attempt {attempt}): {e}",
+                            desc.size, ep.label
                         )));
                     }
                     let backoff = e.retry_after().unwrap_or_else(|| {
@@ -81,20 +109,22 @@ impl Registry {
     /// One request for the blob from `offset`. On failure returns the offset reached.
     async fn blob_attempt(
         &self,
+        ep: &Endpoint,
+        index: usize,
         desc: &Descriptor,
         mut offset: u64,
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
         hasher: &mut Sha256,
     ) -> Result<AttemptEnd, (u64, RegistryError)> {
-        let what = format!("blob {}", desc.digest);
+        let what = format!("blob {} from {}", desc.digest, ep.label);
         let req = Req {
             kind: "blob",
             method: Method::GET,
-            path: format!("/v2/{}/blobs/{}", self.repository, desc.digest),
+            tail: format!("blobs/{}", desc.digest),
             accept: None,
             range_from: offset,
         };
-        let mut response = self.send(&req, &what).await.map_err(|e| (offset, e))?;
+        let mut response = self.send(ep, &req, &what).await.map_err(|e| (offset, e))?;
         // A server that ignores Range sends the whole blob again: skip what we already have.
         let mut skip = match response.status() {
             StatusCode::PARTIAL_CONTENT => {
@@ -150,8 +180,9 @@ impl Registry {
                 continue;
             }
             offset += chunk.len() as u64;
+            self.served(index, &desc.digest);
             if let Some(o) = &self.observer {
-                o.bytes(chunk.len() as u64);
+                o.bytes(&ep.label, chunk.len() as u64);
             }
             hasher.update(&chunk);
             if tx.send(Ok(chunk)).await.is_err() {

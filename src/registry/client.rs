@@ -9,6 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::auth::{parse_challenge, Challenge};
+use super::endpoint::Endpoint;
 use super::{Credentials, Registry, RegistryError};
 
 /// Attempts of one request on a transient failure (network error, 5xx, 429).
@@ -25,44 +26,42 @@ const MAX_ERROR_BODY: usize = 4096;
 pub(crate) struct Req<'a> {
     pub kind: &'static str,
     pub method: Method,
-    pub path: String,
+    /// What follows `/v2/<repository>/` (`manifests/<ref>`, `blobs/<digest>`, ...).
+    pub tail: String,
     pub accept: Option<&'a str>,
     pub range_from: u64,
 }
 
 impl Registry {
-    pub(crate) fn token_key(&self) -> String {
-        format!("{}/{}", self.host, self.repository)
-    }
-
     /// The token dance: `GET realm?service=..&scope=repository:REPO:pull`, with Basic
     /// credentials when we have them.
     pub(crate) async fn fetch_token(
         &self,
+        ep: &Endpoint,
         realm: &str,
         service: Option<&str>,
         what: &str,
     ) -> Result<String, RegistryError> {
         let what = format!("{what}: token from {realm}");
-        let scope = format!("repository:{}:pull", self.repository);
+        let scope = format!("repository:{}:pull", ep.repository);
         let mut query = vec![("scope", scope.as_str())];
         if let Some(s) = service {
             query.push(("service", s));
         }
-        let mut builder = self.http.get(realm).query(&query);
-        if let Credentials::Basic { username, password } = &self.credentials {
+        let mut builder = ep.http.get(realm).query(&query);
+        if let Some((username, password)) = ep.credentials.basic().await? {
             builder = builder.basic_auth(username, Some(password));
         }
         let response = match tokio::time::timeout(self.timeouts.request, builder.send()).await {
             Err(_) => {
-                self.observe("token", 0);
+                self.observe(ep, "token", 0);
                 return Err(RegistryError::Timeout {
                     what,
                     after: self.timeouts.request,
                 });
             }
             Ok(Err(e)) => {
-                self.observe("token", 0);
+                self.observe(ep, "token", 0);
                 return Err(RegistryError::Network {
                     what,
                     reason: crate::text::error_chain(&e),
@@ -70,7 +69,7 @@ impl Registry {
             }
             Ok(Ok(r)) => r,
         };
-        self.observe("token", response.status().as_u16());
+        self.observe(ep, "token", response.status().as_u16());
         let response = check_status(response, &what).await?;
         let body = self.read_body(response, MAX_TOKEN_BYTES, &what).await?;
         #[derive(Deserialize)]
@@ -92,39 +91,51 @@ impl Registry {
                 reason: "token response holds no token".into(),
             })
     }
-    /// Sends a request, retrying transient failures with backoff (honouring a short
-    /// `Retry-After`), and answering one 401 with a fresh token or Basic credentials.
+    /// Sends a request to `ep`, answering one 401 with a fresh token or Basic credentials. The
+    /// registry itself gets retries of transient failures with backoff (honouring a short
+    /// `Retry-After`); a mirror is asked once, since the next endpoint is its retry.
     pub(crate) async fn send(
         &self,
+        ep: &Endpoint,
         req: &Req<'_>,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        self.retrying(|| self.send_authenticated(req, what)).await
+        if ep.mirror {
+            return self.send_authenticated(ep, req, what).await;
+        }
+        self.retrying(|| self.send_authenticated(ep, req, what))
+            .await
     }
 
     /// Sends a request once (a 401 still gets its token): for a probe whose failure has a
     /// fallback, such as the referrers API.
     pub(crate) async fn send_no_retry(
         &self,
+        ep: &Endpoint,
         req: &Req<'_>,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        self.send_authenticated(req, what).await
+        self.send_authenticated(ep, req, what).await
     }
 
-    /// Sends a request and reads its whole (small, capped) body, retrying both: a connection
-    /// that breaks inside a manifest is as transient as one that breaks before it.
+    /// Sends a request and reads its whole (small, capped) body, retrying both (on the
+    /// registry itself): a connection that breaks inside a manifest is as transient as one
+    /// that breaks before it.
     pub(crate) async fn fetch_small(
         &self,
+        ep: &Endpoint,
         req: &Req<'_>,
         what: &str,
         limit: usize,
     ) -> Result<Vec<u8>, RegistryError> {
-        self.retrying(|| async {
-            let response = self.send_authenticated(req, what).await?;
+        let once = || async {
+            let response = self.send_authenticated(ep, req, what).await?;
             self.read_body(response, limit, what).await
-        })
-        .await
+        };
+        if ep.mirror {
+            return once().await;
+        }
+        self.retrying(once).await
     }
 
     /// Runs `op` again on a transient failure, with backoff (or a short `Retry-After`).
@@ -154,14 +165,34 @@ impl Registry {
 
     async fn send_authenticated(
         &self,
+        ep: &Endpoint,
         req: &Req<'_>,
         what: &str,
     ) -> Result<reqwest::Response, RegistryError> {
-        let mut use_basic = false;
+        let mut basic: Option<(String, String)> = None;
         let mut refreshed = false;
+        let mut renewed = false;
         loop {
-            let response = self.send_once(req, what, use_basic).await?;
-            if response.status() != StatusCode::UNAUTHORIZED || refreshed {
+            let response = self.send_once(ep, req, what, basic.as_ref()).await?;
+            let status = response.status();
+            // Credentials a helper gave and the registry now rejects (ECR answers an expired
+            // token with 403, others with 401) are asked for again, once.
+            let rejected = status == StatusCode::FORBIDDEN
+                || (status == StatusCode::UNAUTHORIZED && refreshed);
+            if rejected
+                && ep.credentials.renewable()
+                && !renewed
+                && self.used_credentials(ep, &basic)
+            {
+                tracing::info!(host = %ep.label, %status, "the registry rejected the credential helper's answer; asking it again");
+                renewed = true;
+                refreshed = false;
+                basic = None;
+                ep.credentials.forget();
+                self.tokens.forget(&ep.token_key());
+                continue;
+            }
+            if status != StatusCode::UNAUTHORIZED || refreshed {
                 return check_status(response, what).await;
             }
             refreshed = true;
@@ -173,56 +204,72 @@ impl Registry {
                 .to_string();
             match parse_challenge(&challenge) {
                 Some(Challenge::Bearer { realm, service }) => {
-                    let token = self.fetch_token(&realm, service.as_deref(), what).await?;
-                    self.tokens.put(&self.token_key(), token);
+                    let token = match self.fetch_token(ep, &realm, service.as_deref(), what).await {
+                        Err(RegistryError::Status {
+                            status: 401 | 403, ..
+                        }) if ep.credentials.renewable() && !renewed => {
+                            tracing::info!(host = %ep.label, "the token service rejected the credential helper's answer; asking it again");
+                            renewed = true;
+                            ep.credentials.forget();
+                            self.fetch_token(ep, &realm, service.as_deref(), what)
+                                .await?
+                        }
+                        other => other?,
+                    };
+                    self.tokens.put(&ep.token_key(), token);
                 }
-                Some(Challenge::Basic) if matches!(self.credentials, Credentials::Basic { .. }) => {
-                    use_basic = true
-                }
+                Some(Challenge::Basic) => match ep.credentials.basic().await? {
+                    Some(c) => basic = Some(c),
+                    None => return check_status(response, what).await,
+                },
                 _ => return check_status(response, what).await,
             }
         }
     }
 
+    /// Whether the last request carried credentials (Basic, or a token they obtained).
+    fn used_credentials(&self, ep: &Endpoint, basic: &Option<(String, String)>) -> bool {
+        basic.is_some() || self.tokens.get(&ep.token_key()).is_some()
+    }
+
     async fn send_once(
         &self,
+        ep: &Endpoint,
         req: &Req<'_>,
         what: &str,
-        use_basic: bool,
+        basic: Option<&(String, String)>,
     ) -> Result<reqwest::Response, RegistryError> {
-        let url = format!("{}{}", self.base, req.path);
-        let mut builder = self.http.request(req.method.clone(), &url);
+        let url = ep.url(&req.tail);
+        let mut builder = ep.http.request(req.method.clone(), &url);
         if let Some(accept) = req.accept {
             builder = builder.header(ACCEPT, accept);
         }
         if req.range_from > 0 {
             builder = builder.header(RANGE, format!("bytes={}-", req.range_from));
         }
-        builder = match (&self.credentials, self.tokens.get(&self.token_key())) {
-            (Credentials::Bearer(token), _) => builder.bearer_auth(token),
-            (_, Some(token)) => builder.bearer_auth(token),
-            (Credentials::Basic { username, password }, None) if use_basic => {
-                builder.basic_auth(username, Some(password))
-            }
+        builder = match (&ep.credentials, self.tokens.get(&ep.token_key()), basic) {
+            (Credentials::Bearer(token), _, _) => builder.bearer_auth(token),
+            (_, Some(token), _) => builder.bearer_auth(token),
+            (_, None, Some((username, password))) => builder.basic_auth(username, Some(password)),
             _ => builder,
         };
         match tokio::time::timeout(self.timeouts.request, builder.send()).await {
             Err(_) => {
-                self.observe(req.kind, 0);
+                self.observe(ep, req.kind, 0);
                 Err(RegistryError::Timeout {
                     what: what.to_string(),
                     after: self.timeouts.request,
                 })
             }
             Ok(Err(e)) => {
-                self.observe(req.kind, 0);
+                self.observe(ep, req.kind, 0);
                 Err(RegistryError::Network {
                     what: what.to_string(),
                     reason: crate::text::error_chain(&e),
                 })
             }
             Ok(Ok(r)) => {
-                self.observe(req.kind, r.status().as_u16());
+                self.observe(ep, req.kind, r.status().as_u16());
                 Ok(r)
             }
         }
@@ -296,6 +343,10 @@ pub(crate) async fn check_status(
         .to_string();
     if detail.is_empty() && status == StatusCode::NOT_FOUND {
         detail = "not found".into();
+    }
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        // The proxy's page says nothing useful; say what to fix.
+        detail = "the proxy wants credentials: check the registry's proxy_credentials_file".into();
     }
     if detail.is_empty() && status == StatusCode::UNAUTHORIZED {
         detail = "unauthorized: check the registry credentials".into();

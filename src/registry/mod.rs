@@ -8,6 +8,8 @@
 //! itself.
 //!
 //! - `auth`: credentials (files, Docker `config.json`), Bearer tokens and their cache;
+//! - `endpoint`: the mirrors, then the registry: which one a request goes to, falling back;
+//!   the HTTP clients, kept across syncs;
 //! - `client`: one request with its timeout, retries with backoff, capped bodies, errors;
 //! - `manifest`: manifests and indexes checked and resolved for a platform (pure);
 //! - `blob`: resumable blob streams;
@@ -16,10 +18,13 @@
 mod auth;
 mod blob;
 mod client;
+mod endpoint;
 mod manifest;
 mod signatures;
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -27,8 +32,10 @@ use reqwest::Method;
 use crate::config::{Platform, RegistrySettings, Timeouts};
 use crate::digest::{Digest, DigestError};
 pub use crate::reference::Reference;
-pub use auth::{Credentials, TokenCache};
+pub use auth::{Credentials, HelperCache, TokenCache};
 use client::Req;
+pub use endpoint::Clients;
+use endpoint::{ClientSpec, Endpoint, Purpose};
 pub use manifest::{
     resolve_manifest, Descriptor, ImageManifest, Resolved, ACCEPTED_MANIFESTS, MAX_MANIFEST_BYTES,
 };
@@ -100,62 +107,91 @@ impl RegistryError {
 pub trait Observer: Send + Sync {
     /// After every response: status 0 means none came (network error or timeout).
     fn response(&self, _host: &str, _kind: &'static str, _status: u16) {}
-    /// Blob bytes received.
-    fn bytes(&self, _n: u64) {}
+    /// Blob bytes received from `host`.
+    fn bytes(&self, _host: &str, _n: u64) {}
+    /// A request to `host` (role `mirror` or `upstream`) succeeded (`None`) or failed.
+    fn endpoint(&self, _host: &str, _role: &'static str, _error: Option<&str>) {}
     /// A blob download starts.
     fn blob_started(&self, _digest: &str, _size: u64) {}
 }
 
-/// A connection to one registry for one repository.
+/// A connection to one registry for one repository, through its mirrors.
 pub struct Registry {
-    pub(crate) http: reqwest::Client,
-    pub(crate) base: String,
+    /// The mirrors in order, then the registry itself (always last, never empty).
+    pub(crate) endpoints: Vec<Endpoint>,
     pub(crate) host: String,
-    pub(crate) repository: String,
-    pub(crate) credentials: Credentials,
     pub(crate) timeouts: Timeouts,
     pub(crate) tokens: TokenCache,
     pub(crate) observer: Option<Arc<dyn Observer>>,
+    /// (mirror, blob) pairs skipped: the mirror sent bytes that failed the blob's digest.
+    distrusted: Mutex<HashSet<(usize, Digest)>>,
+    /// Which endpoints sent bytes of each blob in this sync.
+    served: Mutex<HashMap<Digest, Vec<usize>>>,
+}
+
+/// How to reach a registry: its settings, and the credentials for a host (the registry's
+/// own, each mirror's own).
+pub struct Access<'a> {
+    pub settings: &'a RegistrySettings,
+    pub credentials: &'a dyn Fn(&str) -> Result<Credentials, RegistryError>,
+    pub clients: &'a Clients,
 }
 
 impl Registry {
-    /// A client for the registry that `reference` lives on.
+    /// A client for the registry that `reference` lives on, and its mirrors.
     pub fn connect(
         reference: &Reference,
-        settings: &RegistrySettings,
-        credentials: Credentials,
+        access: Access<'_>,
         timeouts: Timeouts,
     ) -> Result<Self, RegistryError> {
+        let settings = access.settings;
         let host = reference.resolve_registry().to_string();
-        let setup = |reason: String| RegistryError::Setup {
-            host: host.clone(),
-            reason,
-        };
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("bootsync/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(timeouts.connect)
-            // A per-read limit: a stalled body fails instead of hanging.
-            .read_timeout(timeouts.stall);
-        if let Some(ca) = &settings.ca_file {
-            let pem =
-                std::fs::read(ca).map_err(|e| setup(format!("ca_file {}: {e}", ca.display())))?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| setup(format!("ca_file {}: {e}", ca.display())))?
-            {
-                builder = builder.add_root_certificate(cert);
-            }
+        let repository = reference.repository().to_string();
+        let mut endpoints = Vec::new();
+        for m in &settings.mirrors {
+            let spec = ClientSpec {
+                ca_file: m.ca_file.clone(),
+                skip_verify: m.skip_verify,
+                proxy: None,
+            };
+            endpoints.push(Endpoint {
+                label: m.host.clone(),
+                base: m.base.clone(),
+                repository: match &m.prefix {
+                    Some(p) => format!("{p}/{repository}"),
+                    None => repository.clone(),
+                },
+                http: access.clients.get(&m.host, &spec, &timeouts)?,
+                credentials: (access.credentials)(&m.host)?,
+                mirror: true,
+                resolve: m.resolve,
+                down: AtomicBool::new(false),
+            });
         }
-        let http = builder.build().map_err(|e| setup(e.to_string()))?;
+        let spec = ClientSpec {
+            ca_file: settings.ca_file.clone(),
+            skip_verify: false,
+            proxy: settings.proxy.clone(),
+        };
         let scheme = if settings.insecure { "http" } else { "https" };
-        Ok(Registry {
-            http,
+        endpoints.push(Endpoint {
+            label: host.clone(),
             base: format!("{scheme}://{host}"),
+            repository: repository.clone(),
+            http: access.clients.get(&host, &spec, &timeouts)?,
+            credentials: (access.credentials)(&host)?,
+            mirror: false,
+            resolve: true,
+            down: AtomicBool::new(false),
+        });
+        Ok(Registry {
+            endpoints,
             host,
-            repository: reference.repository().to_string(),
-            credentials,
             timeouts,
             tokens: TokenCache::default(),
             observer: None,
+            distrusted: Mutex::default(),
+            served: Mutex::default(),
         })
     }
 
@@ -169,13 +205,14 @@ impl Registry {
         self
     }
 
-    fn observe(&self, kind: &'static str, status: u16) {
+    fn observe(&self, ep: &Endpoint, kind: &'static str, status: u16) {
         if let Some(o) = &self.observer {
-            o.response(&self.host, kind, status);
+            o.response(&ep.label, kind, status);
         }
     }
 
-    /// The digest the reference points at now (index or manifest), from a HEAD request.
+    /// The digest the reference points at now (index or manifest), from a HEAD request; a
+    /// mirror may answer it only when its `resolve` allows.
     pub async fn resolve(&self, reference: &Reference) -> Result<Digest, RegistryError> {
         let what = format!("resolving {}", reference.whole());
         let tag = reference
@@ -184,38 +221,56 @@ impl Registry {
             .unwrap_or("latest")
             .to_string();
         let accept = ACCEPTED_MANIFESTS.join(", ");
-        let head = self.manifest_request("head", Method::HEAD, &tag, &accept);
-        let response = self.send(&head, &what).await?;
-        let digest: Digest = match response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(d) => d
-                .parse()
-                .map_err(|e: DigestError| RegistryError::BadManifest {
-                    what: what.clone(),
-                    reason: e.to_string(),
-                })?,
-            None => {
-                // Some registries omit the header on HEAD: hash the manifest instead.
-                let get = Req {
-                    kind: "manifest",
-                    method: Method::GET,
-                    ..head
-                };
-                let body = self.fetch_small(&get, &what, MAX_MANIFEST_BYTES).await?;
-                Digest::of(&body)
-            }
+        let purpose = match reference.digest() {
+            // A digest-pinned reference is checked below whoever answers.
+            Some(_) => Purpose::Content(None),
+            None => Purpose::Resolve,
         };
-        if let Some(pinned) = reference.digest() {
-            if pinned != digest.as_str() {
-                return Err(RegistryError::BadManifest {
-                    what,
-                    reason: format!("registry says {digest}, the reference pins {pinned}"),
-                });
-            }
-        }
+        let digest = self
+            .across(purpose, |ep| async {
+                let head = manifest_request("head", Method::HEAD, &tag, &accept);
+                let response = self.send(ep, &head, &what).await?;
+                let digest: Digest = match response
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                {
+                    Some(d) => d
+                        .parse()
+                        .map_err(|e: DigestError| RegistryError::BadManifest {
+                            what: what.clone(),
+                            reason: e.to_string(),
+                        })?,
+                    None => {
+                        // Some registries omit the header on HEAD: hash the manifest instead.
+                        let get = Req {
+                            kind: "manifest",
+                            method: Method::GET,
+                            ..head
+                        };
+                        let body = self
+                            .fetch_small(ep, &get, &what, MAX_MANIFEST_BYTES)
+                            .await?;
+                        Digest::of(&body)
+                    }
+                };
+                if let Some(pinned) = reference.digest() {
+                    if pinned != digest.as_str() {
+                        return Err(RegistryError::BadManifest {
+                            what: what.clone(),
+                            reason: format!(
+                                "{} says {digest}, the reference pins {pinned}",
+                                ep.label
+                            ),
+                        });
+                    }
+                }
+                if ep.mirror {
+                    tracing::debug!(mirror = %ep.label, %digest, "tag resolved by a mirror");
+                }
+                Ok(digest)
+            })
+            .await?;
         Ok(digest)
     }
 
@@ -248,33 +303,45 @@ impl Registry {
         Ok(manifest::offered_platforms(&body))
     }
 
-    /// The body of the manifest at `digest` (size-capped).
+    /// The body of the manifest at `digest` (size-capped), from the first endpoint whose
+    /// answer matches the digest.
     async fn fetch_manifest(&self, digest: &Digest) -> Result<Vec<u8>, RegistryError> {
-        let what = format!("manifest {digest} of {}/{}", self.host, self.repository);
         let accept = ACCEPTED_MANIFESTS.join(", ");
-        let req = self.manifest_request("manifest", Method::GET, digest.as_str(), &accept);
-        // A body damaged in transit is fetched once more before the sync gives up on it.
-        let body = self.fetch_small(&req, &what, MAX_MANIFEST_BYTES).await?;
-        if &Digest::of(&body) == digest {
-            return Ok(body);
-        }
-        tracing::warn!(%digest, "manifest does not match its digest; fetching it again");
-        self.fetch_small(&req, &what, MAX_MANIFEST_BYTES).await
+        let accept = &accept;
+        self.across(Purpose::Content(Some(digest)), |ep| async move {
+            let what = format!("manifest {digest} of {}/{}", ep.label, ep.repository);
+            let req = manifest_request("manifest", Method::GET, digest.as_str(), accept);
+            let body = self
+                .fetch_small(ep, &req, &what, MAX_MANIFEST_BYTES)
+                .await?;
+            if &Digest::of(&body) == digest {
+                return Ok(body);
+            }
+            if ep.mirror {
+                return Err(RegistryError::BadManifest {
+                    what,
+                    reason: format!("content hashes to {}", Digest::of(&body)),
+                });
+            }
+            // A body damaged in transit is fetched once more before the sync gives up on it.
+            tracing::warn!(%digest, "manifest does not match its digest; fetching it again");
+            self.fetch_small(ep, &req, &what, MAX_MANIFEST_BYTES).await
+        })
+        .await
     }
+}
 
-    fn manifest_request<'a>(
-        &self,
-        kind: &'static str,
-        method: Method,
-        reference: &str,
-        accept: &'a str,
-    ) -> Req<'a> {
-        Req {
-            kind,
-            method,
-            path: format!("/v2/{}/manifests/{reference}", self.repository),
-            accept: Some(accept),
-            range_from: 0,
-        }
+fn manifest_request<'a>(
+    kind: &'static str,
+    method: Method,
+    reference: &str,
+    accept: &'a str,
+) -> Req<'a> {
+    Req {
+        kind,
+        method,
+        tail: format!("manifests/{reference}"),
+        accept: Some(accept),
+        range_from: 0,
     }
 }

@@ -18,6 +18,7 @@ use oci_spec::image::{ImageIndex, ImageManifest as OciManifest};
 use reqwest::Method;
 
 use super::client::Req;
+use super::endpoint::Purpose;
 use super::manifest::{DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST};
 use super::{Registry, RegistryError, MAX_MANIFEST_BYTES};
 use crate::digest::Digest;
@@ -152,8 +153,7 @@ impl Registry {
 
         // 1. cosign v3 bundles: the referrers API, else the referrers tag schema.
         let api = format!(
-            "/v2/{}/referrers/{digest}?artifactType={}",
-            self.repository,
+            "referrers/{digest}?artifactType={}",
             BUNDLE_MEDIA_TYPE.replace('+', "%2B")
         );
         let mut referrers = None;
@@ -175,7 +175,7 @@ impl Registry {
             Answer::Unusable(why) => found.searched.push(format!("referrers API: {why}")),
         }
         if referrers.is_none() {
-            let path = format!("/v2/{}/manifests/{tag}", self.repository);
+            let path = format!("manifests/{tag}");
             match self.discover("referrers", &path, OCI_INDEX, true).await? {
                 Answer::Body(b) => match bundle_referrers(&b) {
                     Ok(list) => {
@@ -215,7 +215,7 @@ impl Registry {
         // 2. cosign v2 signatures.
         let sig_tag = format!("{tag}.sig");
         let accept = format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}");
-        let path = format!("/v2/{}/manifests/{sig_tag}", self.repository);
+        let path = format!("manifests/{sig_tag}");
         match self.discover("signature", &path, &accept, true).await? {
             Answer::Body(b) => match signature_layers(&b) {
                 Ok(layers) => {
@@ -243,48 +243,57 @@ impl Registry {
         Ok(found)
     }
 
-    /// One discovery GET. The referrers API is asked once, without retries or redirects
-    /// (either means "use the tag schema"); tags are asked with the usual retries.
+    /// One discovery GET (`tail` follows `/v2/<repository>/`), mirrors first. The referrers
+    /// API is asked once, without retries or redirects (either means "use the tag schema");
+    /// tags are asked with the usual retries.
     async fn discover(
         &self,
         kind: &'static str,
-        path: &str,
+        tail: &str,
         accept: &str,
         retry: bool,
     ) -> Result<Answer, RegistryError> {
-        let what = format!("{}{path}", self.host);
-        let req = Req {
-            kind,
-            method: Method::GET,
-            path: path.to_string(),
-            accept: Some(accept),
-            range_from: 0,
-        };
-        let sent = if retry {
-            self.send(&req, &what).await
-        } else {
-            self.send_no_retry(&req, &what).await
-        };
-        let response = match sent {
-            Ok(r) => r,
-            Err(RegistryError::Status { status: 404, .. }) => return Ok(Answer::Absent),
-            Err(e @ RegistryError::Status { .. }) if !retry => {
-                return Ok(Answer::Unusable(e.to_string()))
-            }
-            Err(e @ (RegistryError::Timeout { .. } | RegistryError::Network { .. })) if !retry => {
-                return Ok(Answer::Unusable(e.to_string()))
-            }
-            Err(e) => return Err(e),
-        };
-        if response.url().path() != path.split('?').next().unwrap_or(path) {
-            return Ok(Answer::Unusable(format!(
-                "redirected to {}",
-                response.url().host_str().unwrap_or("another host")
-            )));
-        }
-        match self.read_body(response, MAX_MANIFEST_BYTES, &what).await {
+        let answer = self
+            .across(Purpose::Content(None), |ep| async move {
+                let what = format!("{}/v2/{}/{tail}", ep.label, ep.repository);
+                let req = Req {
+                    kind,
+                    method: Method::GET,
+                    tail: tail.to_string(),
+                    accept: Some(accept),
+                    range_from: 0,
+                };
+                let response = if retry {
+                    self.send(ep, &req, &what).await?
+                } else {
+                    self.send_no_retry(ep, &req, &what).await?
+                };
+                let asked = format!(
+                    "/v2/{}/{}",
+                    ep.repository,
+                    tail.split('?').next().unwrap_or(tail)
+                );
+                if response.url().path() != asked {
+                    return Err(RegistryError::BadManifest {
+                        what,
+                        reason: format!(
+                            "redirected to {}",
+                            response.url().host_str().unwrap_or("another host")
+                        ),
+                    });
+                }
+                self.read_body(response, MAX_MANIFEST_BYTES, &what).await
+            })
+            .await;
+        match answer {
             Ok(b) => Ok(Answer::Body(b)),
-            Err(e) if !retry => Ok(Answer::Unusable(e.to_string())),
+            Err(RegistryError::Status { status: 404, .. }) => Ok(Answer::Absent),
+            Err(e @ RegistryError::BadManifest { .. }) => Ok(Answer::Unusable(e.to_string())),
+            Err(
+                e @ (RegistryError::Status { .. }
+                | RegistryError::Timeout { .. }
+                | RegistryError::Network { .. }),
+            ) if !retry => Ok(Answer::Unusable(e.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -295,32 +304,40 @@ impl Registry {
         digest: &Digest,
         accept: &str,
     ) -> Result<Vec<u8>, RegistryError> {
-        let what = format!("manifest {digest} of {}/{}", self.host, self.repository);
-        let req = Req {
-            kind: "signature",
-            method: Method::GET,
-            path: format!("/v2/{}/manifests/{digest}", self.repository),
-            accept: Some(accept),
-            range_from: 0,
-        };
-        let body = self.fetch_small(&req, &what, MAX_MANIFEST_BYTES).await?;
-        check_digest(&body, digest, &what)?;
-        Ok(body)
+        self.across(Purpose::Content(Some(digest)), |ep| async move {
+            let what = format!("manifest {digest} of {}/{}", ep.label, ep.repository);
+            let req = Req {
+                kind: "signature",
+                method: Method::GET,
+                tail: format!("manifests/{digest}"),
+                accept: Some(accept),
+                range_from: 0,
+            };
+            let body = self
+                .fetch_small(ep, &req, &what, MAX_MANIFEST_BYTES)
+                .await?;
+            check_digest(&body, digest, &what)?;
+            Ok(body)
+        })
+        .await
     }
 
     /// A small signature blob (a bundle, a payload), size-capped and checked against its digest.
     async fn signature_blob(&self, blob: &Blob, cap: usize) -> Result<Vec<u8>, RegistryError> {
-        let what = format!("blob {} of {}/{}", blob.digest, self.host, self.repository);
-        let req = Req {
-            kind: "signature",
-            method: Method::GET,
-            path: format!("/v2/{}/blobs/{}", self.repository, blob.digest),
-            accept: None,
-            range_from: 0,
-        };
-        let body = self.fetch_small(&req, &what, cap).await?;
-        check_digest(&body, &blob.digest, &what)?;
-        Ok(body)
+        self.across(Purpose::Content(Some(&blob.digest)), |ep| async move {
+            let what = format!("blob {} of {}/{}", blob.digest, ep.label, ep.repository);
+            let req = Req {
+                kind: "signature",
+                method: Method::GET,
+                tail: format!("blobs/{}", blob.digest),
+                accept: None,
+                range_from: 0,
+            };
+            let body = self.fetch_small(ep, &req, &what, cap).await?;
+            check_digest(&body, &blob.digest, &what)?;
+            Ok(body)
+        })
+        .await
     }
 }
 

@@ -12,6 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
+use crate::digest::Digest;
 use crate::registry::Observer;
 use crate::store::VersionManifest;
 
@@ -35,6 +36,11 @@ pub struct PublishedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostLabels {
+    pub host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub host: String,
     pub kind: String,
@@ -53,10 +59,19 @@ pub struct Metrics {
     repairs: Family<TargetLabels, Counter>,
     hook_failures: Family<TargetLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
+    host_bytes: Family<HostLabels, Counter>,
     signatures: Family<ResultLabels, Counter>,
+    tag_behind: Family<TargetLabels, Gauge>,
+    pinned: Family<TargetLabels, Gauge>,
+    free_bytes: Family<TargetLabels, Gauge>,
     /// The labels of each target's `published_info` series.
     serving: Mutex<HashMap<String, PublishedLabels>>,
+    /// Per target: (what its tag resolved to last, the tag digest of what it serves).
+    tags: Mutex<HashMap<String, TagPair>>,
 }
+
+/// (what a target's tag resolved to last, the tag digest of what it serves)
+type TagPair = (Option<Digest>, Option<Digest>);
 
 fn target(name: &str) -> TargetLabels {
     TargetLabels {
@@ -119,11 +134,35 @@ impl Metrics {
             "Registry requests by host, kind and status code",
             requests.clone(),
         );
+        let host_bytes = Family::<HostLabels, Counter>::default();
+        registry.register(
+            "registry_bytes",
+            "Blob bytes received by host (the registry or one of its mirrors)",
+            host_bytes.clone(),
+        );
         let signatures = Family::<ResultLabels, Counter>::default();
         registry.register(
             "signature_checks",
             "Signature checks of what a tag resolved to, by target and result (verified, unsigned, rejected)",
             signatures.clone(),
+        );
+        let tag_behind = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "tag_behind",
+            "1 while the tag resolves to something other than what the target serves (a release not yet published, a pin, a failing sync)",
+            tag_behind.clone(),
+        );
+        let pinned = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "pinned",
+            "1 while a rollback pin holds the target",
+            pinned.clone(),
+        );
+        let free_bytes = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "dest_free_bytes",
+            "Free bytes of the file system of the target's dest, after its last operation",
+            free_bytes.clone(),
         );
         Arc::new(Metrics {
             registry,
@@ -136,8 +175,13 @@ impl Metrics {
             repairs,
             hook_failures,
             requests,
+            host_bytes,
             signatures,
+            tag_behind,
+            pinned,
+            free_bytes,
             serving: Mutex::default(),
+            tags: Mutex::default(),
         })
     }
 
@@ -179,7 +223,40 @@ impl Metrics {
 
     /// Records the version a target serves (none: nothing) and who signed it, replacing the
     /// series of what it served before: one `published_info` series per target.
+    /// What the target's tag resolved to.
+    pub fn tag_resolved(&self, name: &str, digest: &Digest) {
+        let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = tags.entry(name.to_string()).or_default();
+        entry.0 = Some(digest.clone());
+        self.set_behind(name, entry);
+    }
+
+    fn set_behind(&self, name: &str, (tag, served): &TagPair) {
+        let behind = matches!((tag, served), (Some(t), s) if Some(t) != s.as_ref());
+        self.tag_behind
+            .get_or_create(&target(name))
+            .set(i64::from(behind));
+    }
+
+    pub fn pinned(&self, name: &str, pinned: bool) {
+        self.pinned
+            .get_or_create(&target(name))
+            .set(i64::from(pinned));
+    }
+
+    pub fn free_space(&self, name: &str, bytes: u64) {
+        self.free_bytes
+            .get_or_create(&target(name))
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     pub fn serving(&self, name: &str, served: Option<&VersionManifest>) {
+        {
+            let mut tags = self.tags.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = tags.entry(name.to_string()).or_default();
+            entry.1 = served.map(|m| m.tag_digest.clone());
+            self.set_behind(name, entry);
+        }
         let labels = served.map(|m| PublishedLabels {
             target: name.to_string(),
             digest: m.digest.to_string(),
@@ -264,10 +341,16 @@ impl Observer for TargetObserver {
             .inc();
     }
 
-    fn bytes(&self, n: u64) {
+    fn bytes(&self, host: &str, n: u64) {
         self.metrics
             .bytes
             .get_or_create(&target(&self.target))
+            .inc_by(n);
+        self.metrics
+            .host_bytes
+            .get_or_create(&HostLabels {
+                host: host.to_string(),
+            })
             .inc_by(n);
     }
 }
@@ -275,6 +358,41 @@ impl Observer for TargetObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tag_that_moved_past_what_is_served_is_behind() {
+        let m = Metrics::new();
+        let served = crate::digest::Digest::of(b"v1");
+        let newer = crate::digest::Digest::of(b"v2");
+        let v1 = VersionManifest {
+            target: "t".into(),
+            reference: "r/t:1".into(),
+            platform: "linux/arm64".into(),
+            digest: served.clone(),
+            tag_digest: served.clone(),
+            published_at: String::new(),
+            files: Vec::new(),
+            boot: None,
+            signature: None,
+        };
+        let behind = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find(|l| l.starts_with("bootsync_tag_behind{"))
+                .map(|l| l.ends_with(" 1"))
+        };
+        m.tag_resolved("t", &newer);
+        assert_eq!(behind(&m), Some(true), "nothing served, tag known");
+        m.serving("t", Some(&v1));
+        assert_eq!(behind(&m), Some(true), "v1 served, tag at v2");
+        m.tag_resolved("t", &served);
+        assert_eq!(behind(&m), Some(false), "tag back at v1");
+        m.pinned("t", true);
+        m.free_space("t", 42);
+        let text = m.encode();
+        assert!(text.contains("bootsync_pinned{target=\"t\"} 1"), "{text}");
+        assert!(text.contains("bootsync_dest_free_bytes{target=\"t\"} 42"), "{text}");
+    }
 
     #[test]
     fn series_appear_in_the_text_format() {
@@ -308,7 +426,7 @@ mod tests {
         let o = m.observer("t");
         o.response("ghcr.io", "head", 200);
         o.response("ghcr.io", "blob", 0);
-        o.bytes(42);
+        o.bytes("mirror.site:5000", 42);
         let text = m.encode();
         let bb_line = format!(
             r#"bootsync_published_info{{target="t",digest="{bb}",signed_by="key sha256:ab (/etc/k.pub)"}} 1"#
@@ -320,6 +438,7 @@ mod tests {
             r#"bootsync_registry_requests_total{host="ghcr.io",kind="head",code="200"} 1"#,
             r#"bootsync_registry_requests_total{host="ghcr.io",kind="blob",code="error"} 1"#,
             r#"bootsync_downloaded_bytes_total{target="t"} 42"#,
+            r#"bootsync_registry_bytes_total{host="mirror.site:5000"} 42"#,
             "bootsync_sync_duration_seconds_bucket",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");

@@ -27,6 +27,7 @@ impl Reporter for ServiceReporter {
     fn state(&self, state: &TargetState) {
         self.board.apply(state);
         self.metrics.serving(&state.name, state.serving.as_ref());
+        self.metrics.pinned(&state.name, state.pin.is_some());
     }
 
     fn finished(
@@ -51,6 +52,14 @@ impl Reporter for ServiceReporter {
         self.metrics.signature_checked(target, result);
     }
 
+    fn tag_resolved(&self, target: &str, digest: &Digest) {
+        self.metrics.tag_resolved(target, digest);
+    }
+
+    fn free_space(&self, target: &str, bytes: u64) {
+        self.metrics.free_space(target, bytes);
+    }
+
     fn repaired(&self, target: &str) {
         self.metrics.self_repaired(target);
     }
@@ -60,6 +69,33 @@ impl Reporter for ServiceReporter {
     }
 
     fn observer(&self, target: &str) -> Option<Arc<dyn Observer>> {
-        Some(self.metrics.observer(target))
+        Some(Arc::new(HostBoard {
+            metrics: self.metrics.observer(target),
+            board: self.board.clone(),
+        }))
+    }
+}
+
+/// Registry traffic to the metrics, and each host's state (upstream or mirror) to `/status`.
+struct HostBoard {
+    metrics: Arc<dyn Observer>,
+    board: Board,
+}
+
+impl Observer for HostBoard {
+    fn response(&self, host: &str, kind: &'static str, status: u16) {
+        self.metrics.response(host, kind, status);
+    }
+
+    fn bytes(&self, host: &str, n: u64) {
+        self.metrics.bytes(host, n);
+    }
+
+    fn blob_started(&self, digest: &str, size: u64) {
+        self.metrics.blob_started(digest, size);
+    }
+
+    fn endpoint(&self, host: &str, role: &'static str, error: Option<&str>) {
+        self.board.host_answered(host, role, error);
     }
 }

@@ -97,6 +97,22 @@ pub struct TargetStatus {
     pub last_hook_error: Option<String>,
 }
 
+/// What bootsync knows of one host it fetches from: a registry or one of its mirrors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostStatus {
+    pub host: String,
+    /// `upstream` or `mirror`.
+    pub role: String,
+    /// `ok` when its last request succeeded, else `failing`.
+    pub state: String,
+    pub last_ok: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    /// Requests it answered successfully / that failed (since the start).
+    pub successes: u64,
+    pub failures: u64,
+}
+
 /// The `/status` document.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -105,6 +121,9 @@ pub struct Report {
     /// Why the last config reload was rejected (the previous config keeps running).
     pub config_error: Option<String>,
     pub targets: Vec<TargetStatus>,
+    /// Every registry and mirror asked so far, by host.
+    #[serde(default)]
+    pub hosts: Vec<HostStatus>,
 }
 
 /// Shared, cheaply cloned copy of every target's state.
@@ -112,6 +131,7 @@ pub struct Report {
 pub struct Board {
     inner: Arc<Mutex<Vec<TargetStatus>>>,
     config_error: Arc<Mutex<Option<String>>>,
+    hosts: Arc<Mutex<std::collections::BTreeMap<String, HostStatus>>>,
     /// Bumped at every change (the systemd notifier and the readiness wait watch it).
     changes: Arc<watch::Sender<u64>>,
 }
@@ -155,6 +175,7 @@ impl Board {
         Board {
             inner: Arc::new(Mutex::new(targets.iter().map(fresh).collect())),
             config_error: Arc::default(),
+            hosts: Arc::default(),
             changes: Arc::new(watch::Sender::new(0)),
         }
     }
@@ -229,6 +250,35 @@ impl Board {
         self.changed();
     }
 
+    /// A request to `host` succeeded (`error` = `None`) or failed.
+    pub fn host_answered(&self, host: &str, role: &'static str, error: Option<&str>) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        let h = hosts.entry(host.to_string()).or_insert_with(|| HostStatus {
+            host: host.to_string(),
+            role: role.to_string(),
+            state: String::new(),
+            last_ok: None,
+            last_error: None,
+            last_error_at: None,
+            successes: 0,
+            failures: 0,
+        });
+        let now = rfc3339(SystemTime::now());
+        match error {
+            None => {
+                h.state = "ok".into();
+                h.last_ok = Some(now);
+                h.successes += 1;
+            }
+            Some(e) => {
+                h.state = "failing".into();
+                h.last_error = Some(e.to_string());
+                h.last_error_at = Some(now);
+                h.failures += 1;
+            }
+        }
+    }
+
     /// Whether an operation of `name` is running.
     pub fn is_busy(&self, name: &str) -> bool {
         self.lock()
@@ -297,6 +347,13 @@ impl Board {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
             targets,
+            hosts: self
+                .hosts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect(),
         }
     }
 }

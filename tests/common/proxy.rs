@@ -159,6 +159,8 @@ pub struct Rule {
     /// Request headers not forwarded to the registry (e.g. `Range`, to play a server that
     /// ignores ranges and answers 200 with the whole body).
     pub strip_request_headers: Vec<String>,
+    /// Only requests that carry this header match (e.g. `Authorization`).
+    pub with_header: Option<String>,
     /// Requests that matched `method` and `path_contains` so far.
     matched: usize,
 }
@@ -172,6 +174,7 @@ impl Rule {
             when: When::Every,
             fault: None,
             strip_request_headers: Vec::new(),
+            with_header: None,
             matched: 0,
         }
     }
@@ -213,8 +216,18 @@ impl Rule {
         self.strip_request_headers.push(name.to_string());
         self
     }
-    fn matches(&self, method: &str, path: &str) -> bool {
-        self.method.as_deref().is_none_or(|m| m == method) && path.contains(&self.path_contains)
+    /// Matches only requests that carry header `name`.
+    pub fn with_header(mut self, name: &str) -> Rule {
+        self.with_header = Some(name.to_string());
+        self
+    }
+    fn matches(&self, method: &str, path: &str, headers: &[(String, String)]) -> bool {
+        self.method.as_deref().is_none_or(|m| m == method)
+            && path.contains(&self.path_contains)
+            && self
+                .with_header
+                .as_ref()
+                .is_none_or(|h| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(h)))
     }
 }
 
@@ -356,10 +369,15 @@ impl Shared {
 
     /// Counts the request against every rule that matches it; the first rule whose `when`
     /// applies (and that has a fault or headers to strip) says what to do.
-    fn choose(&self, method: &str, path: &str) -> (Option<Fault>, Vec<String>) {
+    fn choose(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(String, String)],
+    ) -> (Option<Fault>, Vec<String>) {
         let mut chosen = None;
         for rule in lock(&self.rules).iter_mut() {
-            if rule.matches(method, path) {
+            if rule.matches(method, path, headers) {
                 rule.matched += 1;
                 let acts = rule.fault.is_some() || !rule.strip_request_headers.is_empty();
                 if chosen.is_none() && acts && rule.when.applies(rule.matched) {
@@ -873,7 +891,7 @@ fn serve_connection(shared: &Shared, conn: usize, client: TcpStream) {
             path.to_string(),
             version.to_string(),
         );
-        let (fault, strip) = shared.choose(&method, &path);
+        let (fault, strip) = shared.choose(&method, &path, &headers);
         let seq = {
             let mut log = lock(&shared.log);
             let seq = log.len();

@@ -35,6 +35,23 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 impl Registry {
     pub fn start() -> Registry {
+        Self::start_with("")
+    }
+
+    /// A pull-through cache (distribution's `proxy` mode) of the registry at `upstream_url`
+    /// (`http://127.0.0.1:PORT`): read-only, fetching what it lacks from there.
+    pub fn start_mirror(upstream_url: &str) -> Registry {
+        Self::start_with(&format!("proxy: {{remoteurl: {upstream_url}}}\n"))
+    }
+
+    /// Stops the registry (its port then refuses connections).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// A registry with `extra` YAML appended to its config.
+    pub fn start_with(extra: &str) -> Registry {
         let bin = std::env::var("BOOTSYNC_TEST_REGISTRY_BIN")
             .unwrap_or_else(|_| DEFAULT_REGISTRY_BIN.to_string());
         if bin.contains('/') && !Path::new(&bin).exists() {
@@ -49,7 +66,7 @@ impl Registry {
             .expect("temp dir for the registry");
         let mut last_err = String::new();
         for _attempt in 0..5 {
-            match Self::try_start(&bin, &dir) {
+            match Self::try_start(&bin, &dir, extra) {
                 Ok((child, port, log_path)) => {
                     return Registry {
                         child,
@@ -66,7 +83,11 @@ impl Registry {
         panic!("{last_err}");
     }
 
-    fn try_start(bin: &str, dir: &tempfile::TempDir) -> Result<(Child, u16, PathBuf), String> {
+    fn try_start(
+        bin: &str,
+        dir: &tempfile::TempDir,
+        extra: &str,
+    ) -> Result<(Child, u16, PathBuf), String> {
         let port = free_port();
         let root = dir.path().join("data");
         fs::create_dir_all(&root).unwrap();
@@ -77,7 +98,7 @@ impl Registry {
                 "version: 0.1\n\
                  log: {{level: info}}\n\
                  storage:\n  filesystem: {{rootdirectory: {root}}}\n  delete: {{enabled: true}}\n\
-                 http: {{addr: 127.0.0.1:{port}, secret: bootsync-test-only}}\n",
+                 http: {{addr: 127.0.0.1:{port}, secret: bootsync-test-only}}\n{extra}",
                 root = root.display()
             ),
         )

@@ -25,6 +25,12 @@ mod text;
 /// The `bootsync` command (`src/main.rs` is a thin shell over it).
 pub use cli::main;
 
+/// The command line's clap definition, for what packages generate from it (the man page and
+/// shell completions: `examples/package-assets.rs`).
+pub fn command() -> clap::Command {
+    <cli::Cli as clap::CommandFactory>::command()
+}
+
 /// What the fuzz targets reach, and nothing else outside the crate: the parsers and checks that
 /// hostile input meets first.
 pub mod fuzzing {

@@ -144,29 +144,45 @@ fn two_sites_behind_pull_through_caches_fetch_one_copy_from_upstream_and_survive
 }
 
 #[test]
-fn a_dead_mirror_falls_back_to_the_upstream_and_is_asked_once_per_sync() {
+fn a_stopped_mirror_falls_back_to_the_upstream_and_is_asked_once_per_sync() {
     let upstream = Registry::start();
     let r1 = release(2);
-    let img = upstream.push_image(REPO, &image(2, &r1), Some("stable"));
+    let v1 = upstream.push_image(REPO, &image(2, &r1), Some("stable"));
     let reference = format!("{}/{REPO}:stable", upstream.host());
-    // A port nobody listens on, and a cache whose upstream is dead (it answers 5xx/404).
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    // The site's cache, and behind it a second one whose own upstream is dead (it answers 5xx
+    // for what it lacks).
+    let mut cache = Registry::start_mirror(&upstream.url(""));
     let mut orphan_upstream = Registry::start();
     let orphan = Registry::start_mirror(&orphan_upstream.url(""));
     orphan_upstream.stop();
+    let cache_url = cache.url("");
     let work = Work::new();
     let cfg = Config::new()
         .extra_top(&registry_block(
             &upstream.host(),
-            &[mirror(&dead), mirror(&orphan.url(""))],
+            &[mirror(&cache_url), mirror(&orphan.url(""))],
             "",
         ))
         .target(target("talos", &reference, &work.dest("talos")));
-    let out = work.sync_once(&work.config(&cfg));
-    out.assert_success();
+    let cfg = work.config(&cfg);
+    work.sync_once(&cfg).assert_success();
     assert_serves(&work.dest("talos"), &r1);
+    assert_eq!(bootsync_gets(&cache, &v1.layers[1].digest), 1);
+    assert_eq!(bootsync_gets(&upstream, &v1.layers[1].digest), 0);
+
+    // The cache goes down; a new release comes from the upstream itself.
+    cache.stop();
+    let r2 = release(12);
+    let v2 = upstream.push_image(REPO, &image(12, &r2), Some("stable"));
+    let out = work.sync_once(&cfg);
+    out.assert_success();
+    assert_serves(&work.dest("talos"), &r2);
+    assert_eq!(
+        readlink(&work.dest("talos").join("current")),
+        format!("versions/{}", hex_of(&v2.digest))
+    );
     // The unreachable mirror is named once, then left alone for the rest of the sync.
-    let dead_host = dead.trim_start_matches("http://");
+    let dead_host = cache_url.trim_start_matches("http://");
     let named = out.stderr.lines().filter(|l| l.contains(dead_host)).count();
     assert_eq!(named, 1, "{}", out.stderr);
     assert!(
@@ -174,11 +190,11 @@ fn a_dead_mirror_falls_back_to_the_upstream_and_is_asked_once_per_sync() {
         "{}",
         out.stderr
     );
-    // The orphaned cache was asked (and failed) for each thing, the upstream answered all.
+    // The orphaned cache was asked (and failed) too; the upstream answered.
     assert!(!orphan
         .requests("HEAD", &format!("/v2/{REPO}/manifests/"))
         .is_empty());
-    assert_eq!(bootsync_gets(&upstream, &img.layers[1].digest), 1);
+    assert_eq!(bootsync_gets(&upstream, &v2.layers[1].digest), 1);
 }
 
 #[test]

@@ -391,7 +391,10 @@ mod tests {
         m.free_space("t", 42);
         let text = m.encode();
         assert!(text.contains("bootsync_pinned{target=\"t\"} 1"), "{text}");
-        assert!(text.contains("bootsync_dest_free_bytes{target=\"t\"} 42"), "{text}");
+        assert!(
+            text.contains("bootsync_dest_free_bytes{target=\"t\"} 42"),
+            "{text}"
+        );
     }
 
     #[test]

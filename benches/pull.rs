@@ -5,6 +5,7 @@
 //! cargo bench --bench pull                       # 5 rounds, gzip and zstd, then the 4x image
 //! BOOTSYNC_BENCH_ROUNDS=9 cargo bench --bench pull
 //! BOOTSYNC_BENCH_SCALE=0.1 BOOTSYNC_BENCH_X4=0 cargo bench --bench pull   # quick smoke run
+//! BOOTSYNC_BENCH_LINK=50,200 cargo bench --bench pull   # link speeds in MB/s (default; "" skips)
 //! BOOTSYNC_BENCH_SERVE=1800 BOOTSYNC_BENCH_X4=0 cargo bench --bench pull  # keep the registry up
 //!                                                # for profiling; prints configs and commands
 //! ```
@@ -637,14 +638,20 @@ impl Bench {
 
     /// (a) bootsync from cold into a fresh dest.
     fn run_bootsync(&self, img: &Pushed, round: usize, check: bool) -> Sample {
+        self.run_bootsync_via(&self.reg.host(), img, round, check)
+    }
+
+    /// (a) through `host` (the registry, or a rate-capped proxy in front of it).
+    fn run_bootsync_via(&self, host: &str, img: &Pushed, round: usize, check: bool) -> Sample {
         let dir = self
             .work
             .join(format!("a-{}-{round}", img.repo.replace('/', "_")));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let dest = dir.join("dest");
-        let cfg = Config::new().registry(&self.reg.host()).target(
-            TargetCfg::new("talos-arm64", &self.reference(img), &dest)
+        let reference = format!("{host}/{}:{}", img.repo, img.tag);
+        let cfg = Config::new().registry(host).target(
+            TargetCfg::new("talos-arm64", &reference, &dest)
                 .platform("linux/arm64")
                 .preset("talos-installer"),
         );
@@ -678,14 +685,23 @@ impl Bench {
     /// (b) curl | tar of the top layer.
     /// With `verified`: (b2), the same pipeline doing part of what bootsync guarantees.
     fn run_pipeline(&self, img: &Pushed, round: usize, check: bool, verified: bool) -> Sample {
+        self.run_pipeline_via(&self.reg.host(), img, round, check, verified)
+    }
+
+    fn run_pipeline_via(
+        &self,
+        host: &str,
+        img: &Pushed,
+        round: usize,
+        check: bool,
+        verified: bool,
+    ) -> Sample {
         let out = self
             .work
             .join(format!("b-{}-{round}", img.repo.replace('/', "_")));
         let _ = fs::remove_dir_all(&out);
         fs::create_dir_all(&out).unwrap();
-        let url = self
-            .reg
-            .url(&format!("/v2/{}/blobs/{}", img.repo, img.arm_top.digest));
+        let url = format!("http://{host}/v2/{}/blobs/{}", img.repo, img.arm_top.digest);
         let (shell, script) = if verified {
             let hex = common::hex_of(&img.arm_top.digest);
             ("bash", verified_pipeline_command(img.comp, &url, &out, hex))
@@ -710,6 +726,23 @@ impl Bench {
         let _ = fs::remove_dir_all(&out);
         let _ = fs::remove_file(out.with_extension("sha256"));
         sample
+    }
+
+    /// The link alone: the top layer through `host` into /dev/null.
+    fn run_link(&self, host: &str, img: &Pushed) -> Sample {
+        let url = format!("http://{host}/v2/{}/blobs/{}", img.repo, img.arm_top.digest);
+        measure(
+            "curl",
+            &[
+                OsStr::new("-sf"),
+                OsStr::new("-o"),
+                OsStr::new("/dev/null"),
+                OsStr::new(&url),
+            ],
+            Stdio::inherit(),
+            &self.work,
+            "curl -o /dev/null",
+        )
     }
 
     /// (c) skopeo copy to a dir, then tar -x of the top layer.
@@ -1023,6 +1056,63 @@ fn main() {
         );
     }
     report.push_str(&table);
+
+    // Through a rate-capped link: a proxy in front of the registry shares one link speed
+    // between all its response bodies. "After the last byte" is wall minus the link's own time
+    // for the top layer (curl into /dev/null through the same proxy).
+    let links: Vec<f64> = std::env::var("BOOTSYNC_BENCH_LINK")
+        .unwrap_or_else(|_| "50,200".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .filter(|v: &f64| *v > 0.0)
+        .collect();
+    if !links.is_empty() {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "\n## Through a rate-capped link (medians of {rounds} rounds)\n\n\
+             | layers | link MB/s | method | wall s | CPU s | peak RSS MB | after the last byte s | wall / (b)'s |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for &rate in &links {
+            let proxy = common::proxy::Proxy::start(&bench.reg.host());
+            proxy.set_rate(Some(rate * MB));
+            let host = proxy.host();
+            for img in &images {
+                let (mut link, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+                for round in 0..bench.rounds {
+                    link.push(bench.run_link(&host, img));
+                    a.push(bench.run_bootsync_via(&host, img, round, round == 0));
+                    b.push(bench.run_pipeline_via(&host, img, round, round == 0, false));
+                    eprintln!(
+                        "  {} at {rate} MB/s round {round}: link {:.2}s, a {:.2}s, b {:.2}s",
+                        img.comp.name(),
+                        link[round].wall,
+                        a[round].wall,
+                        b[round].wall
+                    );
+                }
+                let (link, a, b) = (summarize(&link), summarize(&a), summarize(&b));
+                for (name, s) in [
+                    ("link alone (curl > /dev/null)", &link),
+                    ("(a) bootsync", &a),
+                    ("(b) curl \\| tar", &b),
+                ] {
+                    let _ = writeln!(
+                        t,
+                        "| {} | {rate:.0} | {name} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+                        img.comp.name(),
+                        s.wall,
+                        s.cpu,
+                        s.rss_mb,
+                        s.wall - link.wall,
+                        s.wall / b.wall
+                    );
+                }
+            }
+        }
+        report.push_str(&t);
+    }
 
     if with_x4 {
         eprintln!("building and pushing the 4x images ...");

@@ -197,7 +197,10 @@ pub fn check_initramfs_with<R: Read>(r: R, limits: &Limits) -> Result<Verdict, C
                 Ok(dec) => walk_decoded(dec, &mut budget, &mut stats),
                 Err(e) => Err(WalkError::Io(e)),
             },
-            Member::Xz => walk_decoded(crate::io::xz_stream(&mut src), &mut budget, &mut stats),
+            Member::Xz => match crate::io::xz_stream(&mut src) {
+                Ok(dec) => walk_decoded(dec, &mut budget, &mut stats),
+                Err(e) => Err(WalkError::Io(e)),
+            },
             Member::Gzip => walk_decoded(crate::io::gzip_member(&mut src), &mut budget, &mut stats),
         };
         match walked {

@@ -73,9 +73,28 @@ pub fn zstd_frame<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> {
     Ok(d)
 }
 
-/// One xz stream, leaving what follows it unread.
-pub fn xz_stream<R: BufRead>(inner: R) -> impl Read {
-    liblzma::bufread::XzDecoder::new(inner)
+/// Threads the xz decoder may use for a stream of several blocks (`xz -T0` writes those).
+const XZ_THREADS: usize = 4;
+/// Above this much memory liblzma decodes with fewer threads, down to one (each thread holds a
+/// block); it never refuses a stream for it.
+const XZ_THREADING_MEMLIMIT: u64 = 256 << 20;
+
+/// One xz stream, leaving what follows it unread. A stream of several blocks is decoded by
+/// liblzma's multi-threaded decoder on the idle cores (a single-block stream, as the kernel's
+/// build writes, decodes on one thread as before).
+pub fn xz_stream<'a, R: BufRead + 'a>(inner: R) -> io::Result<impl Read + 'a> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(XZ_THREADS);
+    let stream = liblzma::stream::MtStreamBuilder::new()
+        .threads(u32::try_from(threads).unwrap_or(1))
+        .memlimit_threading(XZ_THREADING_MEMLIMIT)
+        .memlimit_stop(u64::MAX)
+        // liblzma may return early while its threads work; the reader asks again.
+        .timeout_ms(300)
+        .decoder()
+        .map_err(io::Error::other)?;
+    Ok(liblzma::bufread::XzDecoder::new_stream(inner, stream))
 }
 
 #[cfg(test)]
@@ -98,6 +117,31 @@ mod tests {
             .read_to_string(&mut out)
             .unwrap();
         assert_eq!(out, "first second");
+    }
+
+    #[test]
+    fn a_multi_block_xz_stream_decodes_and_leaves_what_follows() {
+        // Several blocks, as `xz -T0` writes them: the multi-threaded decoder takes them.
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let encoder = liblzma::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(256 << 10)
+            .preset(1)
+            .encoder()
+            .unwrap();
+        let mut xz = Vec::new();
+        liblzma::read::XzEncoder::new_stream(&data[..], encoder)
+            .read_to_end(&mut xz)
+            .unwrap();
+        xz.extend_from_slice(b"TRAILER");
+        let mut src = std::io::BufReader::with_capacity(64 << 10, &xz[..]);
+        let mut out = Vec::new();
+        xz_stream(&mut src).unwrap().read_to_end(&mut out).unwrap();
+        assert_eq!(out.len(), data.len());
+        assert!(out == data, "decoded bytes differ");
+        let mut rest = Vec::new();
+        src.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"TRAILER");
     }
 
     #[test]

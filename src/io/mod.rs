@@ -1,7 +1,8 @@
 //! The streaming kit (after coreos-installer's `src/io/`): small composable `Read`/`Write`
 //! adapters. A layer streams through `ChannelReader -> LimitReader (hashed on the download task)
 //! -> CountingReader -> decoder -> RatioLimit -> SniffReader -> tar`; files are written through
-//! `HashWriter`; the format checks read through `Source` and `Capped`.
+//! `HashWriter -> BufWriter -> WritebackFile`; the format checks read through `Source` and
+//! `Capped`.
 
 mod channel;
 mod decode;
@@ -9,6 +10,7 @@ mod hash;
 mod limit;
 mod sniff;
 mod source;
+mod writeback;
 
 pub use channel::ChannelReader;
 pub use decode::{gzip_member, xz_stream, zstd_frame, Compression};
@@ -16,3 +18,4 @@ pub use hash::{HashReader, HashWriter};
 pub use limit::{CountingReader, LimitReader, RatioLimit};
 pub use sniff::{sniff_format, SniffReader};
 pub(crate) use source::{is_limit, read_full, skip_exact, skip_zeros, Budget, Capped, Source};
+pub use writeback::WritebackFile;

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 
 use crate::config::{FileSpec, Layout, Limits, Modes};
 use crate::digest::Digest;
-use crate::io::{ChannelReader, HashReader, HashWriter, LimitReader};
+use crate::io::{ChannelReader, HashReader, HashWriter, LimitReader, WritebackFile};
 use crate::registry::{Descriptor, Registry};
 use crate::store::{BootInfo, FileRecord};
 
@@ -540,7 +540,10 @@ fn write_file(
     };
     crate::testhook::pause("writing");
     let file = fs::File::create(target).map_err(werr)?;
-    let mut out = HashWriter::new(io::BufWriter::with_capacity(WRITE_BUFFER, file));
+    let mut out = HashWriter::new(io::BufWriter::with_capacity(
+        WRITE_BUFFER,
+        WritebackFile::new(file),
+    ));
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         let n = match entry.read(&mut buf) {
@@ -553,7 +556,10 @@ fn write_file(
     }
     let (buffered, size, digest) = out.finish();
     let sha256 = digest.hex().to_string();
-    let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
+    let file = buffered
+        .into_inner()
+        .map_err(|e| werr(e.into_error()))?
+        .into_inner();
     crate::store::fs::apply_file_modes(&file, modes).map_err(werr)?;
     // Durable before the version is renamed into place (fsynced here, on the unpacking thread).
     file.sync_all().map_err(werr)?;

@@ -349,7 +349,12 @@ struct Shared {
     /// Live sockets (client and upstream), shut down when the proxy stops.
     sockets: Mutex<HashMap<usize, TcpStream>>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    /// A link speed every response body shares (bytes per second, and when the link is free).
+    link: Mutex<Option<(f64, Instant)>>,
 }
+
+/// Bytes a rate-capped body sends per slot.
+const LINK_PIECE: u64 = 64 * 1024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -358,6 +363,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Reserves the link for `n` bytes; returns when their slot ends (`None`: no cap).
+    fn link_slot(&self, n: u64) -> Option<Instant> {
+        let mut link = lock(&self.link);
+        let (rate, free) = link.as_mut()?;
+        let start = (*free).max(Instant::now());
+        let end = start + Duration::from_secs_f64(n as f64 / *rate);
+        *free = end;
+        Some(end)
     }
 
     fn update(&self, seq: usize, f: impl FnOnce(&mut Exchange)) {
@@ -432,6 +447,7 @@ impl Proxy {
             next_socket: AtomicUsize::new(0),
             sockets: Mutex::new(HashMap::new()),
             workers: Mutex::new(Vec::new()),
+            link: Mutex::new(None),
         });
         let accept = {
             let shared = shared.clone();
@@ -454,6 +470,12 @@ impl Proxy {
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Caps every response body, all connections together, at `bytes_per_sec` (a link of that
+    /// speed; `None` lifts the cap). Headers are not counted.
+    pub fn set_rate(&self, bytes_per_sec: Option<f64>) {
+        *lock(&self.shared.link) = bytes_per_sec.map(|r| (r, Instant::now()));
     }
 
     /// Adds a rule (rules are tried in the order added).
@@ -1254,7 +1276,17 @@ fn forward(
         if let Some((chunk, _)) = plan.trickle {
             want = want.min(chunk as u64);
         }
+        if lock(&shared.link).is_some() {
+            want = want.min(LINK_PIECE);
+        }
         let n = body.read(&mut buf[..want as usize])?;
+        if let Some(end) = shared.link_slot(n as u64) {
+            // The bytes are on the wire until their slot ends.
+            let now = Instant::now();
+            if end > now {
+                std::thread::sleep(end - now);
+            }
+        }
         if n == 0 {
             if chunked && cw.write_all(b"0\r\n\r\n").is_err() {
                 return Ok(Forwarded::ClientGone);

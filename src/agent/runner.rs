@@ -246,6 +246,17 @@ fn local_facts(settings: &Settings, target: &Target, verify: bool) -> Local {
     }
 }
 
+/// The version the target's matchbox profile names now, which pruning keeps until the
+/// epilogue has rewritten the profile.
+fn profile_keeps(target: &Target) -> Vec<String> {
+    target
+        .profile
+        .as_ref()
+        .and_then(profile::named_version)
+        .into_iter()
+        .collect()
+}
+
 /// A connection to the target's registry.
 fn connect(cx: &Context, target: &Target) -> Result<Registry, SyncError> {
     let settings = &cx.settings;
@@ -538,7 +549,7 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
             let (t, st, s) = (target.clone(), store.clone(), settings.clone());
             let m = blocking(move || {
                 let m = st.activate(&m, &names_for(&t, &m))?;
-                st.prune(s.retain, s.grace)?;
+                st.prune(s.retain, s.grace, &profile_keeps(&t))?;
                 Ok(m)
             })
             .await?;
@@ -601,7 +612,7 @@ async fn sync_task(cx: Context, target: Target, verify: bool) -> Result<Done, Sy
                 // The record was stamped when committed: switching needs no second write.
                 st.commit(staging, &m)?;
                 st.make_current(&m, &names_for(&t, &m))?;
-                st.prune(s.retain, s.grace)?;
+                st.prune(s.retain, s.grace, &profile_keeps(&t))?;
                 Ok(m)
             })
             .await?;

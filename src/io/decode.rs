@@ -122,7 +122,9 @@ mod tests {
     #[test]
     fn a_multi_block_xz_stream_decodes_and_leaves_what_follows() {
         // Several blocks, as `xz -T0` writes them: the multi-threaded decoder takes them.
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8 ^ (i >> 13) as u8).collect();
+        let data: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
         let encoder = liblzma::stream::MtStreamBuilder::new()
             .threads(2)
             .block_size(256 << 10)

@@ -22,7 +22,18 @@ pub fn create_dirs(path: &Path, modes: &Modes) -> io::Result<()> {
         create_dirs(parent, modes)?;
     }
     match fs::create_dir(path) {
-        Ok(()) => apply_dir_modes(path, modes),
+        Ok(()) => {
+            apply_dir_modes(path, modes)?;
+            // Durable before anything in it can be: its mode, and its name in the parent
+            // (else a power cut after the first publish can lose the whole tree; found by
+            // tests/powerloss.rs).
+            fsync_dir(path)?;
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            fsync_dir(parent)
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
         Err(e) => Err(e),
     }

@@ -320,9 +320,16 @@ impl Store {
 
     /// Deletes all but the `retain` most recently published versions. Never deletes the current
     /// one, nor one that stopped being current less than `grace` ago (a node may have fetched a
-    /// boot script pointing at it and not yet its files). Directories without a readable
-    /// manifest are removed too (they cannot be verified, so they can never serve).
-    pub fn prune(&self, retain: usize, grace: Duration) -> Result<Vec<String>, StoreError> {
+    /// boot script pointing at it and not yet its files), nor those in `keep` (the one a
+    /// matchbox profile still names: it is rewritten after the switch, and a failed or
+    /// interrupted rewrite must not leave it naming a deleted version). Directories without a
+    /// readable manifest are removed too (they cannot be verified, so they can never serve).
+    pub fn prune(
+        &self,
+        retain: usize,
+        grace: Duration,
+        keep: &[String],
+    ) -> Result<Vec<String>, StoreError> {
         crate::testhook::pause("pruning");
         let current = self.current().map(|m| m.hex().to_string());
         let versions = self.versions()?;
@@ -331,6 +338,10 @@ impl Store {
         let mut doomed = Vec::new();
         for (i, m) in versions.iter().enumerate() {
             if i < retain || Some(m.hex()) == current.as_deref() {
+                continue;
+            }
+            if keep.iter().any(|k| k == m.hex()) {
+                tracing::debug!(version = %m.hex(), "kept: the matchbox profile still names it");
                 continue;
             }
             // It stopped being current when the next newer version was published.
@@ -347,6 +358,7 @@ impl Store {
             if !name.starts_with('.')
                 && !known.contains(&name.as_str())
                 && Some(&name) != current.as_ref()
+                && !keep.contains(&name)
             {
                 doomed.push(name);
             }
@@ -581,7 +593,13 @@ mod tests {
         assert_eq!(std::fs::read(dest.join("initrd")).unwrap(), b"i3");
         assert_eq!(store.current().unwrap().hex(), h("cc"));
 
-        let removed = store.prune(2, Duration::ZERO).unwrap();
+        // A version the matchbox profile still names is kept, whatever `retain` says.
+        let removed = store.prune(1, Duration::ZERO, &[h("aa")]).unwrap();
+        assert_eq!(removed, vec![h("bb")]);
+        assert_eq!(entries(&dest.join("versions")), vec![h("aa"), h("cc")]);
+        publish(&store, "bb", &[("vmlinuz", b"k2"), ("initrd", b"i2")]);
+        publish(&store, "cc", &[("vmlinuz", b"k3"), ("initrd", b"i3")]);
+        let removed = store.prune(2, Duration::ZERO, &[]).unwrap();
         assert_eq!(removed, vec![h("aa")]);
         assert_eq!(entries(&dest.join("versions")), vec![h("bb"), h("cc")]);
         assert_eq!(
@@ -697,7 +715,7 @@ mod tests {
         publish(&store, "cc", &[("k", b"3")]);
         // aa and bb were retired moments ago: a long grace keeps them past `retain`.
         assert!(store
-            .prune(1, Duration::from_secs(3600))
+            .prune(1, Duration::from_secs(3600), &[])
             .unwrap()
             .is_empty());
         assert_eq!(
@@ -705,7 +723,7 @@ mod tests {
             vec![h("aa"), h("bb"), h("cc")]
         );
         // With no grace only `retain` survive.
-        assert_eq!(store.prune(1, Duration::ZERO).unwrap().len(), 2);
+        assert_eq!(store.prune(1, Duration::ZERO, &[]).unwrap().len(), 2);
         assert_eq!(entries(&tmp.path().join("versions")), vec![h("cc")]);
     }
 

@@ -87,6 +87,17 @@ pub fn uki_args(cmdline: &str, configured: &[String], initrds: &[String]) -> Vec
     args
 }
 
+/// The version the profile's kernel URL names now (`None`: no profile yet, or not one of ours).
+/// Pruning keeps it: a node that fetched its boot script may still be on its way to the files.
+pub fn named_version(p: &Profile) -> Option<String> {
+    let text = std::fs::read(&p.path).ok()?;
+    let doc: Value = serde_json::from_slice(&text).ok()?;
+    let kernel = doc.get("boot")?.get("kernel")?.as_str()?;
+    let rest = kernel.strip_prefix(&format!("{}/versions/", p.url_prefix))?;
+    let (hex, _) = rest.split_once('/')?;
+    Some(hex.to_string())
+}
+
 /// Points the profile at version `m`. Returns whether the file changed.
 pub fn update(p: &Profile, m: &VersionManifest, modes: &Modes) -> Result<bool, ProfileError> {
     let hex = m.hex();

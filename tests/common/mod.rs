@@ -9,6 +9,7 @@ pub mod chaos;
 pub mod data;
 pub mod http;
 pub mod image;
+pub mod lazyfs;
 pub mod metrics;
 pub mod nginx;
 pub mod producers;

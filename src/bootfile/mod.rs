@@ -65,7 +65,7 @@ impl FromStr for Kind {
 
 /// A failed check names the check and the byte offset where it failed (the caller adds the file
 /// name).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{check} failed at offset {offset}: {reason}")]
 pub struct CheckError {
     pub check: &'static str,

@@ -12,7 +12,7 @@ mod sniff;
 mod source;
 mod writeback;
 
-pub use channel::ChannelReader;
+pub use channel::{ChannelReader, ChunkReader};
 pub use decode::{gzip_member, xz_stream, zstd_frame, Compression};
 pub use hash::{HashReader, HashWriter};
 pub use limit::{CountingReader, LimitReader, RatioLimit};

@@ -2,6 +2,7 @@
 //! format, every UKI split into its parts (each checked), so nothing that would not boot is
 //! published.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::BufReader;
 use std::path::Path;
@@ -10,7 +11,7 @@ use crate::bootfile::Kind;
 use crate::config::{FileSpec, Limits, Modes};
 use crate::store::{BootInfo, FileRecord};
 
-use super::PipelineError;
+use super::{Checked, PipelineError};
 
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -23,12 +24,14 @@ pub(crate) fn uki_staging_name(spec: &FileSpec) -> String {
     }
 }
 
-/// Checks one kernel or initramfs in staging by its real format.
+/// Checks one kernel or initramfs in staging by its real format, unless it was checked as an
+/// initramfs while it was written (`prechecked`).
 fn check_file(
     name: &str,
     kind: Kind,
     staging: &Path,
     limits: &crate::bootfile::Limits,
+    prechecked: Option<&Checked>,
 ) -> Result<(), PipelineError> {
     let path = staging.join(name);
     let open_err = |source| PipelineError::Write {
@@ -40,6 +43,11 @@ fn check_file(
         kind,
         source,
     };
+    if let (Kind::Initramfs, Some(checked)) = (kind, prechecked) {
+        let verdict = checked.clone().map_err(failed)?;
+        tracing::info!(file = %name, "{kind}: {verdict} (checked as it was written)");
+        return Ok(());
+    }
     let file = fs::File::open(&path).map_err(open_err)?;
     let verdict = if kind == Kind::Kernel {
         let len = file.metadata().map_err(open_err)?.len();
@@ -58,6 +66,7 @@ pub(crate) fn check_and_split(
     files: &[FileSpec],
     staging: &Path,
     mut records: Vec<FileRecord>,
+    prechecked: &HashMap<String, Checked>,
     modes: &Modes,
     limits: &Limits,
 ) -> Result<(Vec<FileRecord>, Option<BootInfo>), PipelineError> {
@@ -66,14 +75,15 @@ pub(crate) fn check_and_split(
         let path = path.to_path_buf();
         move |source| PipelineError::Write { path, source }
     };
-    // The checks read back what was just written (from the page cache); each file gets its own
-    // thread, so on two cores the kernel and the initramfs are checked side by side.
+    // An initramfs was checked as it was written; the rest is read back (from the page cache),
+    // each file on its own thread, so on two cores they are checked side by side.
     std::thread::scope(|scope| {
         let checks: Vec<_> = files
             .iter()
             .filter(|f| !f.is_dir && matches!(f.kind, Kind::Kernel | Kind::Initramfs))
             .map(|spec| {
-                scope.spawn(move || check_file(&spec.name, spec.kind, staging, &check_limits))
+                let pre = prechecked.get(&spec.name);
+                scope.spawn(move || check_file(&spec.name, spec.kind, staging, &check_limits, pre))
             })
             .collect();
         for check in checks {

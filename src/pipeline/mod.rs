@@ -445,7 +445,13 @@ struct Part {
     path: PathBuf,
     size: u64,
     sha256: String,
+    /// The initramfs check, run on the bytes as they were written when they looked like one
+    /// (used when the file is published as an initramfs; otherwise it is checked as usual).
+    initramfs: Option<Checked>,
 }
+
+/// The outcome of a format check.
+pub(crate) type Checked = Result<crate::bootfile::Verdict, crate::bootfile::CheckError>;
 
 /// Captured files by (layer, image path), in `staging/.parts/`, removed when dropped.
 struct Parts {
@@ -454,10 +460,11 @@ struct Parts {
     captured: HashMap<(usize, String), Part>,
     modes: Modes,
     max_file: u64,
+    check: crate::bootfile::Limits,
 }
 
 impl Parts {
-    fn new(staging: &Path, modes: &Modes, max_file: u64) -> Result<Parts, PipelineError> {
+    fn new(staging: &Path, modes: &Modes, limits: &Limits) -> Result<Parts, PipelineError> {
         let dir = staging.join(".parts");
         fs::create_dir(&dir).map_err(|source| PipelineError::Write {
             path: dir.clone(),
@@ -468,7 +475,8 @@ impl Parts {
             next: 0,
             captured: HashMap::new(),
             modes: *modes,
-            max_file,
+            max_file: limits.max_file,
+            check: limits.check(),
         })
     }
 
@@ -494,7 +502,9 @@ impl Parts {
         let file = self.dir.join(self.next.to_string());
         // One byte more than allowed tells an oversized file (an artifact blob) from one at the cap.
         let mut capped = content.take(self.max_file.saturating_add(1));
-        let (written, sha256) = write_file(&mut capped, &file, &self.modes, digest)?;
+        let check = (size >= STREAM_CHECK_MIN).then_some(&self.check);
+        let (written, sha256, initramfs) =
+            write_file(&mut capped, &file, &self.modes, digest, check)?;
         if written > self.max_file {
             return Err(PipelineError::Limit {
                 what: format!("{path} in layer {digest}"),
@@ -509,6 +519,7 @@ impl Parts {
                 path: file,
                 size: written,
                 sha256,
+                initramfs,
             },
         );
         Ok(())
@@ -521,15 +532,31 @@ impl Drop for Parts {
     }
 }
 
-/// Copies one entry into a fresh file, fsynced: (size, sha256 hex). Read errors (from the layer:
-/// decoding, digest, limits) are told apart from write errors (the disk), so each is blamed on
-/// the right thing.
+/// Chunks in flight between a staged file's writer and the check beside it.
+const CHECK_DEPTH: usize = 16;
+/// Files smaller than this are checked after the walk as before (a thread is not worth it).
+const STREAM_CHECK_MIN: u64 = 256 * 1024;
+
+/// Whether the first bytes of a file look like an initramfs member: xz, zstd, gzip or cpio.
+fn looks_like_initramfs(head: &[u8]) -> bool {
+    head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || head.starts_with(&[0x1f, 0x8b])
+        || head.starts_with(b"07070")
+}
+
+/// Copies one entry into a fresh file, fsynced: (size, sha256 hex, the initramfs check when
+/// it ran). Read errors (from the layer: decoding, digest, limits) are told apart from write
+/// errors (the disk), so each is blamed on the right thing. With `check`, a file whose first
+/// bytes look like an initramfs is checked as it is written, on another thread, so the check
+/// does not read the file back after the download.
 fn write_file(
     entry: &mut dyn Read,
     target: &Path,
     modes: &Modes,
     layer: &Digest,
-) -> Result<(u64, String), PipelineError> {
+    check: Option<&crate::bootfile::Limits>,
+) -> Result<(u64, String, Option<Checked>), PipelineError> {
     let werr = |source: io::Error| PipelineError::Write {
         path: target.to_path_buf(),
         source,
@@ -545,6 +572,9 @@ fn write_file(
         WritebackFile::new(file),
     ));
     let mut buf = vec![0u8; COPY_BUFFER];
+    let mut tee: Option<std::sync::mpsc::SyncSender<Vec<u8>>> = None;
+    let mut checker = None;
+    let mut first = true;
     loop {
         let n = match entry.read(&mut buf) {
             Ok(0) => break,
@@ -552,8 +582,33 @@ fn write_file(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(rerr(e)),
         };
+        if std::mem::take(&mut first) {
+            if let Some(limits) = check.filter(|_| looks_like_initramfs(&buf[..n])) {
+                let (tx, rx) = std::sync::mpsc::sync_channel(CHECK_DEPTH);
+                let limits = *limits;
+                checker = std::thread::Builder::new()
+                    .name("initramfs-check".into())
+                    .spawn(move || {
+                        let mut r = crate::io::ChunkReader::new(rx);
+                        let verdict = crate::bootfile::check_initramfs_with(&mut r, &limits);
+                        // Drain what is still coming, so the writer never waits on us.
+                        let _ = io::copy(&mut r, &mut io::sink());
+                        verdict
+                    })
+                    .ok();
+                if checker.is_some() {
+                    tee = Some(tx);
+                }
+            }
+        }
         out.write_all(&buf[..n]).map_err(werr)?;
+        if let Some(tx) = &tee {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                tee = None;
+            }
+        }
     }
+    drop(tee);
     let (buffered, size, digest) = out.finish();
     let sha256 = digest.hex().to_string();
     let file = buffered
@@ -563,7 +618,9 @@ fn write_file(
     crate::store::fs::apply_file_modes(&file, modes).map_err(werr)?;
     // Durable before the version is renamed into place (fsynced here, on the unpacking thread).
     file.sync_all().map_err(werr)?;
-    Ok((size, sha256))
+    // A checker that panicked leaves the check to the read-back, as for any other file.
+    let checked = checker.and_then(|h| h.join().ok());
+    Ok((size, sha256, checked))
 }
 
 /// The first read of a layer: every entry indexed, the files the queries lead to captured.
@@ -911,7 +968,7 @@ impl<'a> Run<'a> {
     }
 
     async fn extract(mut self, fetch: &impl Fetch) -> Result<Extracted, PipelineError> {
-        let parts = Parts::new(self.staging, self.modes, self.limits.max_file)?;
+        let parts = Parts::new(self.staging, self.modes, self.limits)?;
         let walked = self
             .walk(fetch, parts, Mode::Queries, |run, view| {
                 !matches!(run.decide(view), Decision::Pending)
@@ -931,12 +988,12 @@ impl<'a> Run<'a> {
                 walked.parts,
             )
             .await?;
-        let records = self.assemble(&placed, &parts)?;
+        let (records, prechecked) = self.assemble(&placed, &parts)?;
         drop(parts);
         let files = self.layouts[layout].files.clone();
         let (staging, modes, limits) = (self.staging.to_path_buf(), *self.modes, *self.limits);
         let (mut files, boot) = tokio::task::spawn_blocking(move || {
-            checks::check_and_split(&files, &staging, records, &modes, &limits)
+            checks::check_and_split(&files, &staging, records, &prechecked, &modes, &limits)
         })
         .await
         .map_err(|e| PipelineError::Join(e.to_string()))??;
@@ -951,7 +1008,7 @@ impl<'a> Run<'a> {
     /// `inspect`: every boot-file-like file down to the first layer that holds a kernel or a
     /// UKI, staged in `self.staging` for its format check.
     async fn candidates(mut self, fetch: &impl Fetch) -> Result<Vec<Candidate>, PipelineError> {
-        let parts = Parts::new(self.staging, self.modes, self.limits.max_file)?;
+        let parts = Parts::new(self.staging, self.modes, self.limits)?;
         let kernel_like = |p: &str| {
             let base = p.rsplit('/').next().unwrap_or(p).to_ascii_lowercase();
             ["vmlinuz", "vmlinux", "kernel", "bzimage"]
@@ -1128,9 +1185,15 @@ impl<'a> Run<'a> {
         Ok(placed)
     }
 
-    /// Moves captured parts to their names (a part wanted twice is hard-linked).
-    fn assemble(&self, placed: &[Placed], parts: &Parts) -> Result<Vec<FileRecord>, PipelineError> {
+    /// Moves captured parts to their names (a part wanted twice is hard-linked). Returns their
+    /// records and the initramfs checks already made on them as they were written, by name.
+    fn assemble(
+        &self,
+        placed: &[Placed],
+        parts: &Parts,
+    ) -> Result<(Vec<FileRecord>, HashMap<String, Checked>), PipelineError> {
         let mut records = Vec::new();
+        let mut prechecked = HashMap::new();
         let mut moved: HashMap<(usize, &str), PathBuf> = HashMap::new();
         for p in placed {
             let part = parts
@@ -1158,6 +1221,9 @@ impl<'a> Run<'a> {
                     moved.insert((p.layer, p.path.as_str()), target.clone());
                 }
             }
+            if let Some(checked) = &part.initramfs {
+                prechecked.insert(p.dest.clone(), checked.clone());
+            }
             records.push(FileRecord {
                 name: p.dest.clone(),
                 size: part.size,
@@ -1165,7 +1231,7 @@ impl<'a> Run<'a> {
                 source: p.source.clone(),
             });
         }
-        Ok(records)
+        Ok((records, prechecked))
     }
 
     /// Says why a lookup did not end at what was wanted.

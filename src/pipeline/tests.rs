@@ -401,3 +401,47 @@ fn unpack_single_layer_serves_the_fuzz_targets() {
     assert_eq!(files.len(), 1);
     assert_eq!(fs::read(dir.path().join("vmlinuz")).unwrap(), b"kernel");
 }
+
+#[test]
+fn an_initramfs_is_checked_as_it_is_written_and_a_broken_one_is_refused() {
+    use crate::bootfile::testdata::{cpio, noise, zstd};
+    let init = |name: &str| FileSpec {
+        kind: Kind::Initramfs,
+        ..spec("boot/initramfs", false, name)
+    };
+    // Large enough for the check beside the write (STREAM_CHECK_MIN).
+    let payload = noise(600 << 10, 7);
+    let good = zstd(&cpio(&[("init", &payload)]));
+    assert!(good.len() as u64 >= STREAM_CHECK_MIN);
+    let (dir, r) = run(
+        &[layer_of(&[("boot/initramfs", &good)])],
+        &one(&[init("initramfs")]),
+        &Limits::default(),
+    );
+    let e = r.unwrap();
+    assert_eq!(names(&e), ["initramfs"]);
+    assert_eq!(fs::read(dir.path().join("initramfs")).unwrap(), good);
+
+    // The same frame cut short: the check beside the write refuses it, naming the file.
+    let broken = &good[..good.len() - 1000];
+    let (_dir, r) = run(
+        &[layer_of(&[("boot/initramfs", broken)])],
+        &one(&[init("initramfs")]),
+        &Limits::default(),
+    );
+    match r {
+        Err(PipelineError::Check { file, kind, .. }) => {
+            assert_eq!((file.as_str(), kind), ("initramfs", Kind::Initramfs))
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Checked as an initramfs while written, but published as raw: no initramfs verdict is
+    // applied to it (a raw file is only hashed).
+    let (_dir, r) = run(
+        &[layer_of(&[("boot/initramfs", broken)])],
+        &one(&[spec("boot/initramfs", false, "blob")]),
+        &Limits::default(),
+    );
+    assert_eq!(names(&r.unwrap()), ["blob"]);
+}

@@ -120,13 +120,8 @@ pub async fn inspect(
         }
     })?;
     let host = reference.resolve_registry().to_string();
-    let (mut registry_settings, timeouts, limits, docker_config) = match settings {
-        Some(s) => (
-            s.registry(&host),
-            s.timeouts,
-            s.limits,
-            s.docker_config.clone(),
-        ),
+    let (mut registry_settings, timeouts, limits) = match settings {
+        Some(s) => (s.registry(&host), s.timeouts, s.limits),
         None => (
             RegistrySettings {
                 host: host.clone(),
@@ -138,26 +133,11 @@ pub async fn inspect(
                 stall: std::time::Duration::from_secs(60),
             },
             Limits::default(),
-            None,
         ),
     };
     registry_settings.insecure |= insecure;
     let helpers = HelperCache::default();
-    let credentials = |h: &str| {
-        let own = match settings {
-            Some(s) => s.registry(h),
-            None => RegistrySettings {
-                host: h.to_string(),
-                ..Default::default()
-            },
-        };
-        let own = if h == host {
-            registry_settings.clone()
-        } else {
-            own
-        };
-        Credentials::from_settings(&own, docker_config.as_deref(), &helpers)
-    };
+    let credentials = |h: &str| Credentials::for_host(settings, h, &helpers);
     let clients = Clients::default();
     let access = Access {
         settings: &registry_settings,

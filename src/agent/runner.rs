@@ -261,14 +261,7 @@ fn profile_keeps(target: &Target) -> Vec<String> {
 fn connect(cx: &Context, target: &Target) -> Result<Registry, SyncError> {
     let settings = &cx.settings;
     let registry_settings = settings.registry(target.reference.resolve_registry());
-    // Each host its own credentials: a mirror never sees the upstream's.
-    let credentials = |host: &str| {
-        Credentials::from_settings(
-            &settings.registry(host),
-            settings.docker_config.as_deref(),
-            &cx.helpers,
-        )
-    };
+    let credentials = |host: &str| Credentials::for_host(Some(settings), host, &cx.helpers);
     Ok(Registry::connect(
         &target.reference,
         Access {
@@ -867,7 +860,9 @@ impl Runner {
         };
         self.cx.reporter.state(&self.state);
         let dest = self.target.dest.clone();
-        if let Ok(Ok(free)) = tokio::task::spawn_blocking(move || store::free_space(&dest)).await {
+        if let Ok(Ok(free)) =
+            tokio::task::spawn_blocking(move || store::fs::free_bytes(&dest)).await
+        {
             self.cx.reporter.free_space(&self.target.name, free);
         }
         if let Ok(Done {

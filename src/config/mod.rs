@@ -57,7 +57,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Time limits for every network call.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Timeouts {
     /// TCP + TLS connect.
     pub connect: Duration,

@@ -1210,7 +1210,7 @@ impl<'a> Run<'a> {
                 source,
             };
             if let Some(parent) = target.parent() {
-                crate::store::fs::create_dirs(parent, self.modes).map_err(werr)?;
+                crate::store::fs::create_staged_dirs(parent, self.modes).map_err(werr)?;
             }
             match moved.get(&(p.layer, p.path.as_str())) {
                 Some(first) => fs::hard_link(first, &target)

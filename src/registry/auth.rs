@@ -193,6 +193,19 @@ impl Credentials {
     /// The credentials configured for a registry: its `token_file`, its `username` +
     /// `password_file`, else an `auths` entry for the host in the Docker `config.json`, else
     /// anonymous. Files are read at every sync, so rotating them needs no restart.
+    /// The credentials for `host` under `settings` (see [`Credentials::from_settings`]): each
+    /// host its own, so a mirror never sees the registry's. Without a config, anonymous.
+    pub fn for_host(
+        settings: Option<&crate::config::Settings>,
+        host: &str,
+        helpers: &HelperCache,
+    ) -> Result<Credentials, RegistryError> {
+        match settings {
+            Some(s) => Self::from_settings(&s.registry(host), s.docker_config.as_deref(), helpers),
+            None => Ok(Credentials::Anonymous),
+        }
+    }
+
     pub fn from_settings(
         settings: &RegistrySettings,
         docker_config: Option<&Path>,

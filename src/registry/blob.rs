@@ -62,27 +62,19 @@ impl Registry {
                 .find(|&i| !passed[i] && self.eligible(i, Purpose::Content(Some(&desc.digest))))
                 .unwrap_or(upstream);
             let ep = &self.endpoints[i];
-            if ep.mirror {
-                match self.blob_attempt(ep, i, desc, offset, tx, hasher).await {
-                    Ok(_) => {
-                        self.endpoint_ok(ep);
-                        return Ok(());
-                    }
-                    Err((reached, e)) => {
-                        offset = reached;
-                        passed[i] = true;
-                        self.mirror_failed(ep, &e);
-                        continue;
-                    }
-                }
-            }
-            attempt += 1;
             match self.blob_attempt(ep, i, desc, offset, tx, hasher).await {
                 Ok(AttemptEnd::Done) | Ok(AttemptEnd::ConsumerGone) => {
                     self.endpoint_ok(ep);
                     return Ok(());
                 }
+                // A mirror is asked once; the next endpoint resumes from the byte reached.
+                Err((reached, e)) if ep.mirror => {
+                    offset = reached;
+                    passed[i] = true;
+                    self.mirror_failed(ep, &e);
+                }
                 Err((reached, e)) => {
+                    attempt += 1;
                     // Progress earns a fresh set of attempts (counting the one that made it); a
                     // blob that never moves does not.
                     if reached > offset {
@@ -116,6 +108,7 @@ impl Registry {
         tx: &mpsc::Sender<std::io::Result<Bytes>>,
         hasher: &mut Sha256,
     ) -> Result<AttemptEnd, (u64, RegistryError)> {
+        let start = offset;
         let what = format!("blob {} from {}", desc.digest, ep.label);
         let req = Req {
             kind: "blob",
@@ -179,8 +172,10 @@ impl Registry {
             if chunk.is_empty() {
                 continue;
             }
+            if offset == start {
+                self.served(index, &desc.digest);
+            }
             offset += chunk.len() as u64;
-            self.served(index, &desc.digest);
             if let Some(o) = &self.observer {
                 o.bytes(&ep.label, chunk.len() as u64);
             }

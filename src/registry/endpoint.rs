@@ -214,6 +214,7 @@ pub(crate) struct ClientSpec {
     pub ca_file: Option<PathBuf>,
     pub skip_verify: bool,
     pub proxy: Option<ProxySettings>,
+    pub timeouts: Timeouts,
 }
 
 /// HTTP clients by what they were built from, shared by every sync of the process, so each
@@ -228,8 +229,8 @@ impl Clients {
         &self,
         host: &str,
         spec: &ClientSpec,
-        timeouts: &Timeouts,
     ) -> Result<reqwest::Client, RegistryError> {
+        let timeouts = &spec.timeouts;
         let setup = |reason: String| RegistryError::Setup {
             host: host.to_string(),
             reason,
@@ -257,7 +258,6 @@ impl Clients {
             seen.push(0);
             seen.extend(p.as_bytes());
         }
-        seen.extend(format!("{timeouts:?}").as_bytes());
         let key = (spec.clone(), Digest::of(&seen));
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(&key) {

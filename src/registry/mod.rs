@@ -153,6 +153,7 @@ impl Registry {
                 ca_file: m.ca_file.clone(),
                 skip_verify: m.skip_verify,
                 proxy: None,
+                timeouts,
             };
             endpoints.push(Endpoint {
                 label: m.host.clone(),
@@ -161,7 +162,7 @@ impl Registry {
                     Some(p) => format!("{p}/{repository}"),
                     None => repository.clone(),
                 },
-                http: access.clients.get(&m.host, &spec, &timeouts)?,
+                http: access.clients.get(&m.host, &spec)?,
                 credentials: (access.credentials)(&m.host)?,
                 mirror: true,
                 resolve: m.resolve,
@@ -172,13 +173,14 @@ impl Registry {
             ca_file: settings.ca_file.clone(),
             skip_verify: false,
             proxy: settings.proxy.clone(),
+            timeouts,
         };
         let scheme = if settings.insecure { "http" } else { "https" };
         endpoints.push(Endpoint {
             label: host.clone(),
             base: format!("{scheme}://{host}"),
             repository: repository.clone(),
-            http: access.clients.get(&host, &spec, &timeouts)?,
+            http: access.clients.get(&host, &spec)?,
             credentials: (access.credentials)(&host)?,
             mirror: false,
             resolve: true,

@@ -82,6 +82,17 @@ fn unauthorized(d: &Daemon, headers: &HeaderMap) -> Option<Response> {
     (!same).then(|| error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token"))
 }
 
+/// The checks a POST about one target makes first: the token, then that the target exists.
+fn refuse(d: &Daemon, headers: &HeaderMap, name: &str) -> Option<Response> {
+    unauthorized(d, headers).or_else(|| {
+        d.context()
+            .settings
+            .target(name)
+            .is_none()
+            .then(|| error(StatusCode::NOT_FOUND, format!("no target {name:?}")))
+    })
+}
+
 async fn sync_all(State(d): State<Arc<Daemon>>, headers: HeaderMap) -> Response {
     if let Some(r) = unauthorized(&d, &headers) {
         return r;
@@ -135,11 +146,8 @@ async fn rollback(
     headers: HeaderMap,
     body: Option<Json<RollbackRequest>>,
 ) -> Response {
-    if let Some(r) = unauthorized(&d, &headers) {
+    if let Some(r) = refuse(&d, &headers, &name) {
         return r;
-    }
-    if d.context().settings.target(&name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
     }
     let to = body.and_then(|Json(b)| b.to);
     match d.rollback(&name, to).await {
@@ -160,11 +168,8 @@ async fn unpin(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = unauthorized(&d, &headers) {
+    if let Some(r) = refuse(&d, &headers, &name) {
         return r;
-    }
-    if d.context().settings.target(&name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no target {name:?}"));
     }
     match d.unpin(&name).await {
         Ok(was) => (

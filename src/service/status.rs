@@ -98,7 +98,7 @@ pub struct TargetStatus {
 }
 
 /// What bootsync knows of one host it fetches from: a registry or one of its mirrors.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HostStatus {
     pub host: String,
     /// `upstream` or `mirror`.
@@ -256,12 +256,7 @@ impl Board {
         let h = hosts.entry(host.to_string()).or_insert_with(|| HostStatus {
             host: host.to_string(),
             role: role.to_string(),
-            state: String::new(),
-            last_ok: None,
-            last_error: None,
-            last_error_at: None,
-            successes: 0,
-            failures: 0,
+            ..HostStatus::default()
         });
         let now = rfc3339(SystemTime::now());
         match error {

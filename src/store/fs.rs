@@ -15,13 +15,24 @@ pub const TMP_PREFIX: &str = ".tmp-";
 /// Creates `path` and its missing parents with the configured directory mode and group,
 /// whatever the umask.
 pub fn create_dirs(path: &Path, modes: &Modes) -> io::Result<()> {
+    make_dirs(path, modes, true)
+}
+
+/// [`create_dirs`] inside a staging directory, without the fsyncs: `fsync_tree` makes the
+/// whole staged tree durable before it is committed.
+pub fn create_staged_dirs(path: &Path, modes: &Modes) -> io::Result<()> {
+    make_dirs(path, modes, false)
+}
+
+fn make_dirs(path: &Path, modes: &Modes, durable: bool) -> io::Result<()> {
     if path.is_dir() {
         return Ok(());
     }
     if let Some(parent) = path.parent() {
-        create_dirs(parent, modes)?;
+        make_dirs(parent, modes, durable)?;
     }
     match fs::create_dir(path) {
+        Ok(()) if !durable => apply_dir_modes(path, modes),
         Ok(()) => {
             apply_dir_modes(path, modes)?;
             // Durable before anything in it can be: its mode, and its name in the parent

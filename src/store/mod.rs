@@ -20,7 +20,6 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub use self::fs::free_bytes as free_space;
 use self::fs::{
     apply_dir_modes, create_dirs, exchange, free_bytes, fsync_dir, fsync_tree, hash_file,
     replace_symlink, unique, TMP_PREFIX,

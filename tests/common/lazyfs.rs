@@ -39,6 +39,16 @@ enum Body {
     Link(PathBuf),
 }
 
+impl Body {
+    fn kind(&self) -> FileType {
+        match self {
+            Body::File(_) => FileType::RegularFile,
+            Body::Dir(_) => FileType::Directory,
+            Body::Link(_) => FileType::Symlink,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Node {
     body: Body,
@@ -131,10 +141,11 @@ impl Disk {
 
     fn attr(&self, ino: u64) -> Option<FileAttr> {
         let n = self.live.get(&ino)?;
-        let (kind, size, nlink) = match &n.body {
-            Body::File(d) => (FileType::RegularFile, d.len() as u64, 1),
-            Body::Dir(e) => (FileType::Directory, e.len() as u64, 2),
-            Body::Link(t) => (FileType::Symlink, t.as_os_str().len() as u64, 1),
+        let kind = n.body.kind();
+        let (size, nlink) = match &n.body {
+            Body::File(d) => (d.len() as u64, 1),
+            Body::Dir(e) => (e.len() as u64, 2),
+            Body::Link(t) => (t.as_os_str().len() as u64, 1),
         };
         Some(FileAttr {
             ino,
@@ -617,11 +628,10 @@ impl Filesystem for LazyFs {
             (ino, FileType::Directory, "..".into()),
         ];
         for (name, child) in entries {
-            let kind = match d.live.get(child).map(|n| &n.body) {
-                Some(Body::Dir(_)) => FileType::Directory,
-                Some(Body::Link(_)) => FileType::Symlink,
-                _ => FileType::RegularFile,
-            };
+            let kind = d
+                .live
+                .get(child)
+                .map_or(FileType::RegularFile, |n| n.body.kind());
             all.push((*child, kind, name.clone()));
         }
         for (i, (child, kind, name)) in all.into_iter().enumerate().skip(offset.max(0) as usize) {

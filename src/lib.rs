@@ -35,7 +35,8 @@ pub fn command() -> clap::Command {
 /// hostile input meets first.
 pub mod fuzzing {
     pub use crate::bootfile::{
-        check_initramfs_with, check_kernel_with, extract_uki_with, Limits as CheckLimits,
+        check_initramfs_with, check_kernel_stream, check_kernel_with, extract_uki_with,
+        Limits as CheckLimits,
     };
     pub use crate::config::{FileSpec, Kind, Limits, Modes, Platform};
     pub use crate::digest::Digest;

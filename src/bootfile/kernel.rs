@@ -6,10 +6,13 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 
 use super::pe::{self, PeInfo};
 use super::{mb, CheckError, Limits, Verdict};
-use crate::io::{is_limit, read_full, Budget, Capped};
+use crate::io::{is_limit, read_full, Budget, Capped, ForwardSeek};
 
 /// Enough for every header field read here (the x86 setup header ends before 0x270).
 const HEAD_LEN: u64 = 4096;
+/// What a stream check keeps to look back into: the headers and a PE section table (a few KiB
+/// in every kernel and UKI seen), with room to spare.
+const STREAM_HEAD: usize = 64 * 1024;
 const MIN_LEN: u64 = 64;
 const ARM64_MAGIC: &[u8] = b"ARMd";
 const ARM64_MAGIC_AT: usize = 0x38;
@@ -82,6 +85,27 @@ pub fn check_kernel_with<R: Read + Seek>(
         "no known kernel magic: not an arm64 EFI zboot (MZ+zimg), arm64 Image (ARMd at 0x38), \
          x86 bzImage (HdrS at 0x202) or PE/EFI image (MZ)",
     ))
+}
+
+/// Checks a kernel from a stream of `len` bytes, read once front to back (the bytes of a file
+/// as it is written). `None` when this file needs to look back further than its first 64 KiB
+/// (a PE section table far into the file): then check the written file with
+/// [`check_kernel_with`].
+pub fn check_kernel_stream<R: Read>(
+    r: R,
+    len: u64,
+    limits: &Limits,
+) -> Option<Result<Verdict, CheckError>> {
+    let mut stream = ForwardSeek::new(r, STREAM_HEAD, len);
+    let verdict = check_kernel_with(&mut stream, len, limits);
+    (!stream.refused()).then_some(verdict)
+}
+
+/// Whether a file's first bytes look like a kernel this module knows (or any PE image).
+pub(crate) fn looks_like_kernel(head: &[u8]) -> bool {
+    head.starts_with(b"MZ")
+        || head.get(ARM64_MAGIC_AT..ARM64_MAGIC_AT + 4) == Some(ARM64_MAGIC)
+        || head.get(X86_HDRS_AT..X86_HDRS_AT + 4) == Some(b"HdrS")
 }
 
 fn read_head<R: Read + Seek>(r: &mut R, len: u64) -> Result<Vec<u8>, CheckError> {
@@ -582,5 +606,38 @@ mod tests {
         let k = arm64_image(1000);
         let err = check_kernel(Cursor::new(&k), 5000).unwrap_err();
         assert_eq!((err.check, err.offset), ("kernel read", 1000), "{err}");
+    }
+
+    #[test]
+    fn the_stream_check_agrees_with_the_file_check() {
+        let kernels = [
+            zboot("zstd"),
+            zboot("gzip"),
+            zboot_with("lz4", b"not decoded here"),
+            arm64_image(300 << 10),
+            testdata::arm64_efi_image(300 << 10),
+            bzimage(0, 200 << 10),
+            testdata::pe(0x8664, &[(".text", &noise(100 << 10, 5))]),
+            noise(70 << 10, 9),
+        ];
+        let mut compared = 0;
+        for k in &kernels {
+            // Whole, cut at a few places (the length given stays the full one), and short.
+            for cut in [k.len(), k.len() - 1, k.len() / 2, 0x1000, 100, 10] {
+                let bytes = &k[..cut.min(k.len())];
+                for len in [bytes.len() as u64, k.len() as u64] {
+                    let file = check_kernel_with(Cursor::new(bytes), len, &Limits::default());
+                    let stream = check_kernel_stream(bytes, len, &Limits::default())
+                        .expect("no kernel here needs random access");
+                    assert_eq!(
+                        format!("{file:?}"),
+                        format!("{stream:?}"),
+                        "cut {cut} len {len}"
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert_eq!(compared, kernels.len() * 12);
     }
 }

@@ -15,8 +15,25 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use initramfs::check_initramfs_with;
-pub use kernel::check_kernel_with;
+pub use kernel::{check_kernel_stream, check_kernel_with};
 pub use uki::extract_uki_with;
+
+/// What a file's first bytes say it may be, for a check that runs while it is written: a
+/// kernel (PE, arm64 Image, bzImage) or an initramfs member (xz, zstd, gzip, cpio). A guess
+/// only: the check itself decides, and only for a file published as that kind.
+pub fn looks_like(head: &[u8]) -> Option<Kind> {
+    if kernel::looks_like_kernel(head) {
+        Some(Kind::Kernel)
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || head.starts_with(&[0x1f, 0x8b])
+        || head.starts_with(b"07070")
+    {
+        Some(Kind::Initramfs)
+    } else {
+        None
+    }
+}
 
 /// Which check a file gets (config key `kind`; presets set kernel/initramfs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,12 +1,16 @@
 //! Unified kernel images (Talos installer >= v1.10 ships only `vmlinuz.efi`): split out `.linux`,
-//! `.initrd` and `.cmdline` for netboot, then check the kernel and initramfs like any others.
+//! `.initrd` and `.cmdline` for netboot, checking the kernel and initramfs like any others as
+//! they are split out.
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::pe::{self, Section};
-use super::{check_initramfs_with, check_kernel_with, CheckError, Limits, Verdict};
+use super::{
+    check_initramfs_with, check_kernel_stream, check_kernel_with, CheckError, Kind, Limits, Verdict,
+};
+use crate::io::Beside;
 
 /// A command line, os-release or uname is a few KB at most; more means a wrong section.
 const MAX_CMDLINE: u64 = 1 << 20;
@@ -55,7 +59,8 @@ pub fn extract_uki(
 
 /// Extracts a UKI's `.linux`, `.initrd` and `.cmdline` sections into three files and checks the
 /// kernel and initramfs. Sections are bounded by min(VirtualSize, SizeOfRawData) (a VirtualSize
-/// of 0 means SizeOfRawData, as firmware reads it). The first section of each name counts. The
+/// of 0 means SizeOfRawData, as firmware reads it). The first section of each name counts; the
+/// two are split and checked side by side. The
 /// output files are created or truncated, not synced; on error they may hold partial data, so
 /// point them into a staging directory.
 pub fn extract_uki_with(
@@ -98,8 +103,37 @@ pub fn extract_uki_with(
         }
     }
 
-    copy_section(&mut file, &linux, kernel_out, "uki .linux section")?;
-    copy_section(&mut file, &initrd, initrd_out, "uki .initrd section")?;
+    // The two sections are copied side by side, each checked as it is copied (on a thread
+    // beside the copy), so nothing is read back.
+    let (kernel, initramfs) = std::thread::scope(|scope| {
+        let k = scope.spawn(|| {
+            split_section(
+                uki,
+                &linux,
+                kernel_out,
+                Kind::Kernel,
+                "uki .linux section",
+                limits,
+            )
+        });
+        let i = scope.spawn(|| {
+            split_section(
+                uki,
+                &initrd,
+                initrd_out,
+                Kind::Initramfs,
+                "uki .initrd section",
+                limits,
+            )
+        });
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<Verdict, CheckError>>| {
+            h.join().unwrap_or_else(|_| {
+                Err(CheckError::new("uki split", 0, "a section check panicked"))
+            })
+        };
+        (joined(k), joined(i))
+    });
+    let (kernel, initramfs) = (kernel?, initramfs?);
     let osrel = info.section(".osrel").cloned();
     let uname = info.section(".uname").cloned();
     let cmdline = match cmdline {
@@ -121,14 +155,6 @@ pub fn extract_uki_with(
     std::fs::write(cmdline_out, cmdline.as_bytes())
         .map_err(|e| write_error("uki .cmdline section", cmdline_out, e))?;
 
-    let kernel = File::open(kernel_out)
-        .map_err(|e| write_error("uki .linux section", kernel_out, e))
-        .and_then(|f| {
-            check_kernel_with(f, linux.file_range().1, limits).map_err(|e| in_section(e, &linux))
-        })?;
-    let initramfs = File::open(initrd_out)
-        .map_err(|e| write_error("uki .initrd section", initrd_out, e))
-        .and_then(|f| check_initramfs_with(f, limits).map_err(|e| in_section(e, &initrd)))?;
     Ok(UkiParts {
         kernel,
         initramfs,
@@ -155,19 +181,53 @@ fn in_section(e: CheckError, s: &Section) -> CheckError {
     )
 }
 
-/// Copies exactly the section's bytes; a file that shrank underneath us is an error.
-fn copy_section(
-    file: &mut File,
+/// Chunks in flight between a section's copy and its check.
+const CHECK_DEPTH: usize = 8;
+const COPY_BUF: usize = 64 * 1024;
+
+/// Copies exactly the section's bytes into `out`, checked as `kind` while they are copied (a
+/// kernel that needs random access is checked from `out` afterwards); a file that shrank
+/// underneath us is an error. Offsets in errors are the UKI's.
+fn split_section(
+    uki: &Path,
     s: &Section,
     out: &Path,
+    kind: Kind,
     check: &'static str,
-) -> Result<(), CheckError> {
+    limits: &Limits,
+) -> Result<Verdict, CheckError> {
     let (at, size) = s.file_range();
+    let mut file =
+        File::open(uki).map_err(|e| CheckError::new(check, at, format!("cannot open: {e}")))?;
     file.seek(SeekFrom::Start(at))
         .map_err(|e| CheckError::new(check, at, format!("seek: {e}")))?;
     let mut dest = File::create(out).map_err(|e| write_error(check, out, e))?;
-    let copied = io::copy(&mut (&mut *file).take(size), &mut dest)
-        .map_err(|e| CheckError::new(check, at, format!("copy to {}: {e}", out.display())))?;
+    let lim = *limits;
+    let mut beside = Beside::spawn(
+        &format!("uki-{kind}-check"),
+        CHECK_DEPTH,
+        move |r| match kind {
+            Kind::Kernel => check_kernel_stream(r, size, &lim),
+            _ => Some(check_initramfs_with(r, &lim)),
+        },
+    );
+    let mut section = (&mut file).take(size);
+    let mut buf = vec![0u8; COPY_BUF];
+    let mut copied = 0u64;
+    loop {
+        let n = match section.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CheckError::new(check, at + copied, format!("read: {e}"))),
+        };
+        dest.write_all(&buf[..n])
+            .map_err(|e| CheckError::new(check, at, format!("copy to {}: {e}", out.display())))?;
+        if let Some(b) = &mut beside {
+            b.feed(&buf[..n]);
+        }
+        copied += n as u64;
+    }
     if copied != size {
         return Err(CheckError::new(
             check,
@@ -176,7 +236,17 @@ fn copy_section(
         ));
     }
     dest.flush().map_err(|e| write_error(check, out, e))?;
-    Ok(())
+    let verdict = match beside.and_then(Beside::finish).flatten() {
+        Some(v) => v,
+        None => {
+            let f = File::open(out).map_err(|e| write_error(check, out, e))?;
+            match kind {
+                Kind::Kernel => check_kernel_with(f, size, limits),
+                _ => check_initramfs_with(f, limits),
+            }
+        }
+    };
+    verdict.map_err(|e| in_section(e, s))
 }
 
 /// A small text section (command line, os-release, uname), trailing NULs trimmed.

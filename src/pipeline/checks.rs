@@ -11,7 +11,7 @@ use crate::bootfile::Kind;
 use crate::config::{FileSpec, Limits, Modes};
 use crate::store::{BootInfo, FileRecord};
 
-use super::{Checked, PipelineError};
+use super::{PipelineError, Prechecked};
 
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -24,14 +24,14 @@ pub(crate) fn uki_staging_name(spec: &FileSpec) -> String {
     }
 }
 
-/// Checks one kernel or initramfs in staging by its real format, unless it was checked as an
-/// initramfs while it was written (`prechecked`).
+/// Checks one kernel or initramfs in staging by its real format, unless it was checked as that
+/// kind while it was written (`prechecked`).
 fn check_file(
     name: &str,
     kind: Kind,
     staging: &Path,
     limits: &crate::bootfile::Limits,
-    prechecked: Option<&Checked>,
+    prechecked: Option<&Prechecked>,
 ) -> Result<(), PipelineError> {
     let path = staging.join(name);
     let open_err = |source| PipelineError::Write {
@@ -43,8 +43,8 @@ fn check_file(
         kind,
         source,
     };
-    if let (Kind::Initramfs, Some(checked)) = (kind, prechecked) {
-        let verdict = checked.clone().map_err(failed)?;
+    if let Some(pre) = prechecked.filter(|p| p.kind == kind) {
+        let verdict = pre.checked.clone().map_err(failed)?;
         tracing::info!(file = %name, "{kind}: {verdict} (checked as it was written)");
         return Ok(());
     }
@@ -66,7 +66,7 @@ pub(crate) fn check_and_split(
     files: &[FileSpec],
     staging: &Path,
     mut records: Vec<FileRecord>,
-    prechecked: &HashMap<String, Checked>,
+    prechecked: &HashMap<String, Prechecked>,
     modes: &Modes,
     limits: &Limits,
 ) -> Result<(Vec<FileRecord>, Option<BootInfo>), PipelineError> {
@@ -75,8 +75,9 @@ pub(crate) fn check_and_split(
         let path = path.to_path_buf();
         move |source| PipelineError::Write { path, source }
     };
-    // An initramfs was checked as it was written; the rest is read back (from the page cache),
-    // each file on its own thread, so on two cores they are checked side by side.
+    // A kernel or initramfs was normally checked as it was written; the rest (small files, a
+    // kernel that needs random access) is read back from the page cache, each file on its own
+    // thread, so on two cores they are checked side by side.
     std::thread::scope(|scope| {
         let checks: Vec<_> = files
             .iter()

@@ -25,9 +25,10 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 
+use crate::bootfile::Kind;
 use crate::config::{FileSpec, Layout, Limits, Modes};
 use crate::digest::Digest;
-use crate::io::{ChannelReader, HashReader, HashWriter, LimitReader, WritebackFile};
+use crate::io::{Beside, ChannelReader, HashReader, HashWriter, LimitReader, WritebackFile};
 use crate::registry::{Descriptor, Registry};
 use crate::store::{BootInfo, FileRecord};
 
@@ -445,13 +446,21 @@ struct Part {
     path: PathBuf,
     size: u64,
     sha256: String,
-    /// The initramfs check, run on the bytes as they were written when they looked like one
-    /// (used when the file is published as an initramfs; otherwise it is checked as usual).
-    initramfs: Option<Checked>,
+    /// The check run on the bytes as they were written, when they looked like a kernel or an
+    /// initramfs (used when the file is published as that kind; otherwise it is checked as
+    /// usual).
+    prechecked: Option<Prechecked>,
 }
 
 /// The outcome of a format check.
 pub(crate) type Checked = Result<crate::bootfile::Verdict, crate::bootfile::CheckError>;
+
+/// A check made on a file's bytes as they were written, and the kind it checked them as.
+#[derive(Debug, Clone)]
+pub(crate) struct Prechecked {
+    pub kind: Kind,
+    pub checked: Checked,
+}
 
 /// Captured files by (layer, image path), in `staging/.parts/`, removed when dropped.
 struct Parts {
@@ -502,8 +511,8 @@ impl Parts {
         let file = self.dir.join(self.next.to_string());
         // One byte more than allowed tells an oversized file (an artifact blob) from one at the cap.
         let mut capped = content.take(self.max_file.saturating_add(1));
-        let check = (size >= STREAM_CHECK_MIN).then_some(&self.check);
-        let (written, sha256, initramfs) =
+        let check = (size >= STREAM_CHECK_MIN).then_some((&self.check, size));
+        let (written, sha256, prechecked) =
             write_file(&mut capped, &file, &self.modes, digest, check)?;
         if written > self.max_file {
             return Err(PipelineError::Limit {
@@ -519,7 +528,7 @@ impl Parts {
                 path: file,
                 size: written,
                 sha256,
-                initramfs,
+                prechecked,
             },
         );
         Ok(())
@@ -532,31 +541,41 @@ impl Drop for Parts {
     }
 }
 
-/// Chunks in flight between a staged file's writer and the check beside it.
-const CHECK_DEPTH: usize = 16;
+/// Chunks (of up to 64 KiB) in flight between a staged file's writer and the check beside it.
+const CHECK_DEPTH: usize = 8;
 /// Files smaller than this are checked after the walk as before (a thread is not worth it).
 const STREAM_CHECK_MIN: u64 = 256 * 1024;
 
-/// Whether the first bytes of a file look like an initramfs member: xz, zstd, gzip or cpio.
-fn looks_like_initramfs(head: &[u8]) -> bool {
-    head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
-        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || head.starts_with(&[0x1f, 0x8b])
-        || head.starts_with(b"07070")
+/// Starts the check a file's first bytes suggest (kernel or initramfs) beside its writer.
+fn check_beside(
+    head: &[u8],
+    size: u64,
+    limits: crate::bootfile::Limits,
+) -> Option<Beside<Option<Prechecked>>> {
+    let kind = crate::bootfile::looks_like(head)?;
+    let name = format!("{kind}-check");
+    Beside::spawn(&name, CHECK_DEPTH, move |r| {
+        let checked = match kind {
+            Kind::Kernel => crate::bootfile::check_kernel_stream(r, size, &limits)?,
+            _ => crate::bootfile::check_initramfs_with(r, &limits),
+        };
+        Some(Prechecked { kind, checked })
+    })
 }
 
-/// Copies one entry into a fresh file, fsynced: (size, sha256 hex, the initramfs check when
-/// it ran). Read errors (from the layer: decoding, digest, limits) are told apart from write
-/// errors (the disk), so each is blamed on the right thing. With `check`, a file whose first
-/// bytes look like an initramfs is checked as it is written, on another thread, so the check
-/// does not read the file back after the download.
+/// Copies one entry into a fresh file, fsynced: (size, sha256 hex, the check made as it was
+/// written). Read errors (from the layer: decoding, digest, limits) are told apart from write
+/// errors (the disk), so each is blamed on the right thing. With `check` (the limits and the
+/// size the layer gives), a file whose first bytes look like a kernel or an initramfs is
+/// checked as it is written, on another thread, so the check does not read the file back after
+/// the download.
 fn write_file(
     entry: &mut dyn Read,
     target: &Path,
     modes: &Modes,
     layer: &Digest,
-    check: Option<&crate::bootfile::Limits>,
-) -> Result<(u64, String, Option<Checked>), PipelineError> {
+    check: Option<(&crate::bootfile::Limits, u64)>,
+) -> Result<(u64, String, Option<Prechecked>), PipelineError> {
     let werr = |source: io::Error| PipelineError::Write {
         path: target.to_path_buf(),
         source,
@@ -572,8 +591,7 @@ fn write_file(
         WritebackFile::new(file),
     ));
     let mut buf = vec![0u8; COPY_BUFFER];
-    let mut tee: Option<std::sync::mpsc::SyncSender<Vec<u8>>> = None;
-    let mut checker = None;
+    let mut beside = None;
     let mut first = true;
     loop {
         let n = match entry.read(&mut buf) {
@@ -583,32 +601,15 @@ fn write_file(
             Err(e) => return Err(rerr(e)),
         };
         if std::mem::take(&mut first) {
-            if let Some(limits) = check.filter(|_| looks_like_initramfs(&buf[..n])) {
-                let (tx, rx) = std::sync::mpsc::sync_channel(CHECK_DEPTH);
-                let limits = *limits;
-                checker = std::thread::Builder::new()
-                    .name("initramfs-check".into())
-                    .spawn(move || {
-                        let mut r = crate::io::ChunkReader::new(rx);
-                        let verdict = crate::bootfile::check_initramfs_with(&mut r, &limits);
-                        // Drain what is still coming, so the writer never waits on us.
-                        let _ = io::copy(&mut r, &mut io::sink());
-                        verdict
-                    })
-                    .ok();
-                if checker.is_some() {
-                    tee = Some(tx);
-                }
+            if let Some((limits, size)) = check {
+                beside = check_beside(&buf[..n], size, *limits);
             }
         }
         out.write_all(&buf[..n]).map_err(werr)?;
-        if let Some(tx) = &tee {
-            if tx.send(buf[..n].to_vec()).is_err() {
-                tee = None;
-            }
+        if let Some(b) = &mut beside {
+            b.feed(&buf[..n]);
         }
     }
-    drop(tee);
     let (buffered, size, digest) = out.finish();
     let sha256 = digest.hex().to_string();
     let file = buffered
@@ -618,8 +619,12 @@ fn write_file(
     crate::store::fs::apply_file_modes(&file, modes).map_err(werr)?;
     // Durable before the version is renamed into place (fsynced here, on the unpacking thread).
     file.sync_all().map_err(werr)?;
-    // A checker that panicked leaves the check to the read-back, as for any other file.
-    let checked = checker.and_then(|h| h.join().ok());
+    // A check that panicked, or a kernel that needs random access, is left to the read-back; a
+    // verdict on a length other than the one written (a short blob) is not used.
+    let checked = beside
+        .and_then(Beside::finish)
+        .flatten()
+        .filter(|_| check.is_some_and(|(_, expected)| expected == size));
     Ok((size, sha256, checked))
 }
 
@@ -1186,12 +1191,12 @@ impl<'a> Run<'a> {
     }
 
     /// Moves captured parts to their names (a part wanted twice is hard-linked). Returns their
-    /// records and the initramfs checks already made on them as they were written, by name.
+    /// records and the checks already made on them as they were written, by name.
     fn assemble(
         &self,
         placed: &[Placed],
         parts: &Parts,
-    ) -> Result<(Vec<FileRecord>, HashMap<String, Checked>), PipelineError> {
+    ) -> Result<(Vec<FileRecord>, HashMap<String, Prechecked>), PipelineError> {
         let mut records = Vec::new();
         let mut prechecked = HashMap::new();
         let mut moved: HashMap<(usize, &str), PathBuf> = HashMap::new();
@@ -1221,7 +1226,7 @@ impl<'a> Run<'a> {
                     moved.insert((p.layer, p.path.as_str()), target.clone());
                 }
             }
-            if let Some(checked) = &part.initramfs {
+            if let Some(checked) = &part.prechecked {
                 prechecked.insert(p.dest.clone(), checked.clone());
             }
             records.push(FileRecord {

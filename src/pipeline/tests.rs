@@ -445,3 +445,75 @@ fn an_initramfs_is_checked_as_it_is_written_and_a_broken_one_is_refused() {
     );
     assert_eq!(names(&r.unwrap()), ["blob"]);
 }
+
+#[test]
+fn a_kernel_is_checked_as_it_is_written() {
+    use crate::bootfile::testdata::{gzip, noise, zboot_with};
+    let dir = tempfile::tempdir().unwrap();
+    let limits = crate::bootfile::Limits::default();
+    let layer = Digest::of(b"layer");
+    let write = |bytes: &[u8], size: u64| {
+        let target = dir.path().join("k");
+        let mut entry = bytes;
+        let check = Some((&limits, size));
+        write_file(&mut entry, &target, &Modes::default(), &layer, check).unwrap()
+    };
+    // A zboot kernel whose gzip payload (an arm64 Image) is decoded beside the write.
+    let image = crate::bootfile::testdata::arm64_image(512 << 10);
+    let good = zboot_with("gzip", &gzip(&image));
+    let (size, sha, pre) = write(&good, good.len() as u64);
+    assert_eq!(
+        (size, sha),
+        (good.len() as u64, Digest::of(&good).hex().to_string())
+    );
+    let pre = pre.expect("checked beside the write");
+    assert_eq!(pre.kind, Kind::Kernel);
+    let verdict = pre.checked.unwrap();
+    assert!(verdict.format.contains("decodes to a"), "{verdict}");
+
+    // A flipped byte inside the payload: refused by the check beside the write.
+    let mut bad = good.clone();
+    bad[0x1000 + 300] ^= 0x40;
+    let pre = write(&bad, bad.len() as u64).2.unwrap();
+    assert_eq!(pre.kind, Kind::Kernel);
+    let e = pre.checked.unwrap_err();
+    assert_eq!(e.check, "zboot payload", "{e}");
+
+    // The layer said the file is longer than what came: no verdict (it is read back, if the
+    // layer is not refused first).
+    assert!(write(&good, good.len() as u64 + 1).2.is_none());
+    // Neither kernel nor initramfs by its first bytes: nothing runs beside the write.
+    assert!(write(&noise(300 << 10, 3), 300 << 10).2.is_none());
+}
+
+#[test]
+fn a_kernel_refused_in_the_stream_is_refused_by_name() {
+    use crate::bootfile::testdata::{arm64_image, gzip, zboot_with};
+    let kernel = |name: &str| FileSpec {
+        kind: Kind::Kernel,
+        ..spec("boot/vmlinuz", false, name)
+    };
+    let mut k = zboot_with("gzip", &gzip(&arm64_image(512 << 10)));
+    assert!(k.len() as u64 >= STREAM_CHECK_MIN);
+    let (dir, r) = run(
+        &[layer_of(&[("boot/vmlinuz", &k)])],
+        &one(&[kernel("vmlinuz")]),
+        &Limits::default(),
+    );
+    assert_eq!(names(&r.unwrap()), ["vmlinuz"]);
+    assert_eq!(fs::read(dir.path().join("vmlinuz")).unwrap(), k);
+    let at = k.len() - 0x200 - 8;
+    k[at] ^= 1; // the gzip trailer's CRC
+    let (_dir, r) = run(
+        &[layer_of(&[("boot/vmlinuz", &k)])],
+        &one(&[kernel("vmlinuz")]),
+        &Limits::default(),
+    );
+    match r {
+        Err(PipelineError::Check { file, kind, source }) => {
+            assert_eq!((file.as_str(), kind), ("vmlinuz", Kind::Kernel));
+            assert_eq!(source.check, "zboot payload", "{source}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -21,6 +21,10 @@ use std::fs;
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::StreamExt as _;
 
 use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
@@ -37,6 +41,9 @@ use overlay::{Gone, LayerIndex, Node, Resolved, Seen, View};
 
 /// Chunks in flight between the download and the unpacker (reqwest chunks are ~8-16 KiB).
 const CHANNEL_DEPTH: usize = 8;
+/// Layers read at once when several are needed and known up front (containerd's default
+/// `max_concurrent_downloads`).
+const PARALLEL_READS: usize = 3;
 const COPY_BUFFER: usize = 64 * 1024;
 const WRITE_BUFFER: usize = 256 * 1024;
 /// Index entries one sync may hold (about 100 bytes each): far beyond real images.
@@ -462,10 +469,14 @@ pub(crate) struct Prechecked {
     pub checked: Checked,
 }
 
-/// Captured files by (layer, image path), in `staging/.parts/`, removed when dropped.
+/// Captured files by (layer, image path), in `staging/.parts/`, removed when dropped. Layers
+/// read at the same time each capture into a [`Parts::fork`], joined back afterwards.
 struct Parts {
     dir: PathBuf,
-    next: u64,
+    /// Names the next part; shared with forks, so no two parts take one name.
+    next: Arc<AtomicU64>,
+    /// Whether dropping this removes `dir` (a fork leaves it to its parent).
+    owner: bool,
     captured: HashMap<(usize, String), Part>,
     modes: Modes,
     max_file: u64,
@@ -481,7 +492,8 @@ impl Parts {
         })?;
         Ok(Parts {
             dir,
-            next: 0,
+            next: Arc::new(AtomicU64::new(0)),
+            owner: true,
             captured: HashMap::new(),
             modes: *modes,
             max_file: limits.max_file,
@@ -507,8 +519,8 @@ impl Parts {
                 size,
             });
         }
-        self.next += 1;
-        let file = self.dir.join(self.next.to_string());
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let file = self.dir.join(n.to_string());
         // One byte more than allowed tells an oversized file (an artifact blob) from one at the cap.
         let mut capped = content.take(self.max_file.saturating_add(1));
         let check = (size >= STREAM_CHECK_MIN).then_some((&self.check, size));
@@ -535,9 +547,31 @@ impl Parts {
     }
 }
 
+impl Parts {
+    /// An empty set of parts in the same directory, for one of the layers read at once.
+    fn fork(&self) -> Parts {
+        Parts {
+            dir: self.dir.clone(),
+            next: Arc::clone(&self.next),
+            owner: false,
+            captured: HashMap::new(),
+            modes: self.modes,
+            max_file: self.max_file,
+            check: self.check,
+        }
+    }
+
+    /// Takes over what a fork captured (different layers: no key is in both).
+    fn join(&mut self, mut fork: Parts) {
+        self.captured.extend(std::mem::take(&mut fork.captured));
+    }
+}
+
 impl Drop for Parts {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
+        if self.owner {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -944,6 +978,8 @@ impl<'a> Run<'a> {
         }
         let mut again: Vec<(usize, HashSet<String>)> = again.into_iter().collect();
         again.sort_by_key(|(at, _)| *at);
+        let max_ratio = self.limits.max_ratio;
+        let mut reads = Vec::new();
         for (at, wanted) in again {
             let desc = self.layers[at];
             let kind = match self.kinds.get(&at) {
@@ -962,12 +998,17 @@ impl<'a> Run<'a> {
                 at,
                 digest: desc.digest.clone(),
                 wanted,
-                parts,
+                parts: parts.fork(),
             };
-            parts = fetch
-                .read(desc, &kind, self.limits.max_ratio, capturer)
-                .await?
-                .parts;
+            // Built here, not in a closure over a borrowed tuple: that one's future is not
+            // general enough to be Send (rust-lang/rust#64552).
+            reads.push(async move { fetch.read(desc, &kind, max_ratio, capturer).await });
+        }
+        // Each layer captures different files, so they are read at once (started top first);
+        // the first failure ends the others.
+        let mut done = futures_util::stream::iter(reads).buffer_unordered(PARALLEL_READS);
+        while let Some(capturer) = done.next().await {
+            parts.join(capturer?.parts);
         }
         Ok(parts)
     }

@@ -6,6 +6,7 @@
 //! BOOTSYNC_BENCH_ROUNDS=9 cargo bench --bench pull
 //! BOOTSYNC_BENCH_SCALE=0.1 BOOTSYNC_BENCH_X4=0 cargo bench --bench pull   # quick smoke run
 //! BOOTSYNC_BENCH_LINK=50,200 cargo bench --bench pull   # link speeds in MB/s (default; "" skips)
+//! BOOTSYNC_BENCH_XZ=0 cargo bench --bench pull          # skip the real xz initramfs image
 //! BOOTSYNC_BENCH_SERVE=1800 BOOTSYNC_BENCH_X4=0 cargo bench --bench pull  # keep the registry up
 //!                                                # for profiling; prints configs and commands
 //! ```
@@ -28,7 +29,10 @@
 //! single process); wall time is measured here and CPU time (user + sys of the command and every
 //! process it waited for) comes from `wait4(2)`'s rusage. Medians of `BOOTSYNC_BENCH_ROUNDS`
 //! (default 5) rounds. Then (a) again on an image 4x as large (`BOOTSYNC_BENCH_X4=0` skips it).
-//! The registry's access log tells which blobs (a) fetched. Results go to stdout as Markdown.
+//! The registry's access log tells which blobs (a) fetched. An image whose initramfs is a real
+//! xz cpio (~90 MB, files from /usr; built once with `cpio` and `xz`, cached) compares (a) with
+//! the download plus `xz -T0 -t` (`BOOTSYNC_BENCH_XZ=0` skips it). Results go to stdout as
+//! Markdown.
 //! `BOOTSYNC_BENCH_SCALE` (default 1) scales every size, for quick runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic: a panic is a failure
@@ -303,16 +307,26 @@ struct BootFiles {
     initramfs_len: usize,
 }
 
+/// The top layer's initramfs: made up (zstd frames of noise: incompressible) or given bytes.
+#[derive(Clone, Copy)]
+enum Initramfs<'a> {
+    Fake(usize),
+    Bytes(&'a [u8]),
+}
+
 fn build_top(
     path: &Path,
     comp: Comp,
     arch: &str,
     seed: u64,
     kernel: usize,
-    initramfs: usize,
+    initramfs: Initramfs<'_>,
 ) -> (BlobFile, BootFiles) {
     let k = fake_kernel("arm64", seed, kernel);
-    let i = fake_initramfs(seed + 1, initramfs);
+    let i = match initramfs {
+        Initramfs::Fake(len) => fake_initramfs(seed + 1, len),
+        Initramfs::Bytes(b) => b.to_vec(),
+    };
     let files = BootFiles {
         kernel_sha: common::sha256_hex(&k),
         initramfs_sha: common::sha256_hex(&i),
@@ -329,10 +343,10 @@ fn build_top(
     (blob, files)
 }
 
-struct Sizes {
+struct Sizes<'a> {
     base: usize,
     kernel: usize,
-    initramfs: usize,
+    initramfs: Initramfs<'a>,
 }
 
 /// One pushed two-platform image.
@@ -402,7 +416,7 @@ fn build_and_push(
     scratch: &Path,
     repo: &str,
     comp: Comp,
-    sizes: &Sizes,
+    sizes: &Sizes<'_>,
     seed: u64,
 ) -> Pushed {
     let t = Instant::now();
@@ -478,6 +492,80 @@ fn build_and_push(
         amd_base,
         arm_files,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real xz initramfs (Talos <= 1.7): a newc cpio of files from /usr, `xz --check=crc32 -T2`
+// ---------------------------------------------------------------------------------------------
+
+/// Builds (once; cached in `$BOOTSYNC_CACHE/bench`, default `~/.cache/bootsync/bench`) an xz
+/// initramfs: `cpio -o -H newc` of the first regular files under /usr/lib, /usr/bin and
+/// /usr/share (sorted by path) adding up to `input` bytes, compressed with
+/// `xz --check=crc32 -T2 -3` (several blocks, as `xz -T0` makes them; CRC32, which the kernel's
+/// decoder needs). Returns its path.
+fn xz_initramfs(input: u64) -> PathBuf {
+    let cache = std::env::var_os("BOOTSYNC_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/bootsync")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("bench");
+    fs::create_dir_all(&cache).unwrap();
+    let out = cache.join(format!("initramfs-usr-{input}.cpio.xz"));
+    if out.exists() {
+        return out;
+    }
+    let t = Instant::now();
+    let found = Command::new("find")
+        .current_dir("/")
+        .args([
+            "usr/lib",
+            "usr/bin",
+            "usr/share",
+            "-xdev",
+            "-type",
+            "f",
+            "-readable",
+        ])
+        .args(["-printf", "%s %p\\n"])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    let mut files: Vec<(u64, String)> = String::from_utf8_lossy(&found.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (size, path) = l.split_once(' ')?;
+            Some((size.parse().ok()?, path.to_string()))
+        })
+        .collect();
+    files.sort_by(|a, b| a.1.cmp(&b.1));
+    let (mut list, mut total) = (String::new(), 0u64);
+    for (size, path) in files {
+        if total >= input {
+            break;
+        }
+        total += size;
+        list.push_str(&path);
+        list.push('\n');
+    }
+    let list_file = cache.join("initramfs-files.txt");
+    fs::write(&list_file, list).unwrap();
+    let partial = out.with_extension("partial");
+    let script = format!(
+        "set -eo pipefail; cd / && cpio -o -H newc --quiet < {} | xz --check=crc32 -T2 -3 > {}",
+        list_file.display(),
+        partial.display()
+    );
+    let ok = Command::new("bash").args(["-c", &script]).status().unwrap();
+    assert!(ok.success(), "{script}");
+    fs::rename(&partial, &out).unwrap();
+    eprintln!(
+        "  xz initramfs: {:.0} MB of /usr -> {:.0} MB xz in {:.0?} ({})",
+        total as f64 / MB,
+        fs::metadata(&out).unwrap().len() as f64 / MB,
+        t.elapsed(),
+        out.display()
+    );
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -878,7 +966,7 @@ fn main() {
     let sizes = |factor: f64| Sizes {
         base: (150.0 * MB * scale * factor) as usize,
         kernel: (40.0 * MB * scale * factor) as usize,
-        initramfs: (90.0 * MB * scale * factor) as usize,
+        initramfs: Initramfs::Fake((90.0 * MB * scale * factor) as usize),
     };
     let total = Instant::now();
 
@@ -1110,6 +1198,84 @@ fn main() {
                     );
                 }
             }
+        }
+        report.push_str(&t);
+    }
+
+    // A real xz initramfs (Talos <= 1.7), on the loopback: bootsync against the download plus
+    // `xz -T0 -t` of the file, the least a verified pull of it can cost.
+    if std::env::var("BOOTSYNC_BENCH_XZ").map_or(true, |v| v != "0") {
+        eprintln!("building and pushing the xz initramfs image ...");
+        let xz_path = xz_initramfs((320.0 * MB * scale) as u64);
+        let xz = fs::read(&xz_path).unwrap();
+        let xz_sizes = Sizes {
+            base: (10.0 * MB * scale) as usize,
+            kernel: (40.0 * MB * scale) as usize,
+            initramfs: Initramfs::Bytes(&xz),
+        };
+        let img = build_and_push(
+            &bench.reg,
+            &scratch,
+            "bench/talos-xz",
+            Comp::Zstd,
+            &xz_sizes,
+            70_000,
+        );
+        let host = bench.reg.host();
+        let (mut link, mut test, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let xz_arg = xz_path.as_os_str();
+        for round in 0..bench.rounds {
+            link.push(bench.run_link(&host, &img));
+            test.push(measure(
+                "xz",
+                &[OsStr::new("-T0"), OsStr::new("-t"), xz_arg],
+                Stdio::inherit(),
+                &bench.work,
+                "xz -T0 -t",
+            ));
+            a.push(bench.run_bootsync(&img, round, round == 0));
+            b.push(bench.run_pipeline(&img, round, round == 0, false));
+            eprintln!(
+                "  xz round {round}: download {:.2}s, xz -T0 -t {:.2}s/{:.2}s cpu, a {:.2}s/{:.2}s cpu/{} MB, b {:.2}s",
+                link[round].wall,
+                test[round].wall,
+                test[round].cpu,
+                a[round].wall,
+                a[round].cpu,
+                a[round].maxrss / 1024,
+                b[round].wall
+            );
+        }
+        let (link, test, a, b) = (
+            summarize(&link),
+            summarize(&test),
+            summarize(&a),
+            summarize(&b),
+        );
+        let floor = link.wall + test.wall;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "\n## A real xz initramfs ({:.0} MB xz cpio of /usr files, top layer {:.0} MB; medians of {rounds} rounds)\n\n\
+             | method | wall s | CPU s | peak RSS MB | wall / (download + xz -T0 -t) |\n\
+             | --- | --- | --- | --- | --- |",
+            xz.len() as f64 / MB,
+            img.arm_top.size as f64 / MB,
+        );
+        for (name, s) in [
+            ("download alone (curl > /dev/null)", &link),
+            ("xz -T0 -t of the initramfs", &test),
+            ("(b) curl \\| zstd \\| tar (no check)", &b),
+            ("(a) bootsync", &a),
+        ] {
+            let _ = writeln!(
+                t,
+                "| {name} | {:.2} | {:.2} | {:.1} | {:.2} |",
+                s.wall,
+                s.cpu,
+                s.rss_mb,
+                s.wall / floor
+            );
         }
         report.push_str(&t);
     }

@@ -1167,24 +1167,33 @@ fn main() {
             proxy.set_rate(Some(rate * MB));
             let host = proxy.host();
             for img in &images {
-                let (mut link, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut link, mut a, mut b, mut b2) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for round in 0..bench.rounds {
                     link.push(bench.run_link(&host, img));
                     a.push(bench.run_bootsync_via(&host, img, round, round == 0));
                     b.push(bench.run_pipeline_via(&host, img, round, round == 0, false));
+                    b2.push(bench.run_pipeline_via(&host, img, round, false, true));
                     eprintln!(
-                        "  {} at {rate} MB/s round {round}: link {:.2}s, a {:.2}s, b {:.2}s",
+                        "  {} at {rate} MB/s round {round}: link {:.2}s, a {:.2}s, b {:.2}s, b2 {:.2}s",
                         img.comp.name(),
                         link[round].wall,
                         a[round].wall,
-                        b[round].wall
+                        b[round].wall,
+                        b2[round].wall
                     );
                 }
-                let (link, a, b) = (summarize(&link), summarize(&a), summarize(&b));
+                let (link, a, b, b2) = (
+                    summarize(&link),
+                    summarize(&a),
+                    summarize(&b),
+                    summarize(&b2),
+                );
                 for (name, s) in [
                     ("link alone (curl > /dev/null)", &link),
                     ("(a) bootsync", &a),
                     ("(b) curl \\| tar", &b),
+                    ("(b2) = (b) + sha256 + fsync (reference)", &b2),
                 ] {
                     let _ = writeln!(
                         t,

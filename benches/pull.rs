@@ -578,6 +578,10 @@ struct Sample {
     cpu: f64,
     /// KiB
     maxrss: u64,
+    /// bootsync only: from the top layer's last byte (its own log) to the process's exit.
+    tail: Option<f64>,
+    /// bootsync only: the top layer's download, first request to last byte (its own log).
+    download: Option<f64>,
 }
 
 fn tv(t: libc::timeval) -> f64 {
@@ -623,10 +627,39 @@ fn measure(program: &str, args: &[&OsStr], stderr: Stdio, work: &Path, what: &st
         .and_then(|l| l.trim().parse().ok())
         .unwrap_or_else(|| panic!("{what}: no %M from /usr/bin/time: {time_out:?}"));
     Sample {
+        tail: None,
+        download: None,
         wall,
         cpu: tv(ru.ru_utime) + tv(ru.ru_stime),
         maxrss,
     }
+}
+
+/// From bootsync's log: the time from the last layer's last byte to `exited`, and how long its
+/// download took. The "layer read" line carries its RFC 3339 time, the download's seconds and
+/// how long after the last byte it was written.
+fn tail_after_last_byte(log: &Path, exited: std::time::SystemTime) -> Option<(f64, f64)> {
+    let text = fs::read_to_string(log).ok()?;
+    let line = text.lines().rev().find(|l| l.contains("layer read:"))?;
+    let stamp = humantime::parse_rfc3339_weak(line.split_whitespace().next()?).ok()?;
+    let after_ms: f64 = line
+        .split("after_last_byte_ms=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let secs: f64 = line
+        .split(" secs=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((
+        exited.duration_since(stamp).ok()?.as_secs_f64() + after_ms / 1000.0,
+        secs,
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -641,6 +674,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[derive(Debug, Clone, Copy)]
 struct Summary {
+    /// Median of the samples' tails, when they have one.
+    tail: Option<f64>,
     wall: f64,
     cpu: f64,
     rss_mb: f64,
@@ -650,7 +685,9 @@ struct Summary {
 
 fn summarize(s: &[Sample]) -> Summary {
     let walls: Vec<f64> = s.iter().map(|x| x.wall).collect();
+    let tails: Vec<f64> = s.iter().filter_map(|x| x.tail).collect();
     Summary {
+        tail: (!tails.is_empty()).then(|| median(tails)),
         wall: median(walls.clone()),
         cpu: median(s.iter().map(|x| x.cpu).collect()),
         rss_mb: median(s.iter().map(|x| x.maxrss as f64 * 1024.0 / MB).collect()),
@@ -745,8 +782,9 @@ impl Bench {
         );
         let config = dir.join("bootsync.toml");
         fs::write(&config, cfg.render()).unwrap();
-        let log = fs::File::create(dir.join("bootsync.log")).unwrap();
-        let sample = measure(
+        let log_path = dir.join("bootsync.log");
+        let log = fs::File::create(&log_path).unwrap();
+        let mut sample = measure(
             &bootsync_bin(),
             &[
                 OsStr::new("--config"),
@@ -758,6 +796,8 @@ impl Bench {
             &self.work,
             "bootsync",
         );
+        (sample.tail, sample.download) =
+            tail_after_last_byte(&log_path, std::time::SystemTime::now()).unzip();
         if check {
             check_files(
                 &dest.join("vmlinuz-arm64"),
@@ -1159,8 +1199,8 @@ fn main() {
         let _ = writeln!(
             t,
             "\n## Through a rate-capped link (medians of {rounds} rounds)\n\n\
-             | layers | link MB/s | method | wall s | CPU s | peak RSS MB | after the last byte s | wall / (b)'s |\n\
-             | --- | --- | --- | --- | --- | --- | --- | --- |"
+             | layers | link MB/s | method | wall s | CPU s | peak RSS MB | after the last byte s | bootsync's own: last byte to exit s | wall / (b)'s |\n\
+             | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
         );
         for &rate in &links {
             let proxy = common::proxy::Proxy::start(&bench.reg.host());
@@ -1175,10 +1215,12 @@ fn main() {
                     b.push(bench.run_pipeline_via(&host, img, round, round == 0, false));
                     b2.push(bench.run_pipeline_via(&host, img, round, false, true));
                     eprintln!(
-                        "  {} at {rate} MB/s round {round}: link {:.2}s, a {:.2}s, b {:.2}s, b2 {:.2}s",
+                        "  {} at {rate} MB/s round {round}: link {:.2}s, a {:.2}s (its download {:.2}s, last byte to exit {:.3}s), b {:.2}s, b2 {:.2}s",
                         img.comp.name(),
                         link[round].wall,
                         a[round].wall,
+                        a[round].download.unwrap_or(f64::NAN),
+                        a[round].tail.unwrap_or(f64::NAN),
                         b[round].wall,
                         b2[round].wall
                     );
@@ -1197,12 +1239,13 @@ fn main() {
                 ] {
                     let _ = writeln!(
                         t,
-                        "| {} | {rate:.0} | {name} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} |",
+                        "| {} | {rate:.0} | {name} | {:.2} | {:.2} | {:.1} | {:.2} | {} | {:.2} |",
                         img.comp.name(),
                         s.wall,
                         s.cpu,
                         s.rss_mb,
                         s.wall - link.wall,
+                        s.tail.map_or("".into(), |t| format!("{t:.3}")),
                         s.wall / b.wall
                     );
                 }

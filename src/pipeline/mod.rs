@@ -146,7 +146,11 @@ impl Fetch for Registry {
         // The blob is hashed on the download task as chunks arrive, so hashing overlaps
         // decompression on the other core.
         let mut hasher = Sha256::new();
-        let download = self.stream_blob(layer, tx, &mut hasher);
+        let started = std::time::Instant::now();
+        let download = async {
+            self.stream_blob(layer, tx, &mut hasher).await;
+            std::time::Instant::now()
+        };
         let unpack = {
             let (layer, kind) = (layer.clone(), kind.clone());
             tokio::task::spawn_blocking(move || {
@@ -157,10 +161,20 @@ impl Fetch for Registry {
                 (visitor, walked, drained)
             })
         };
-        let ((), joined) = tokio::join!(download, unpack);
+        let (last_byte, joined) = tokio::join!(download, unpack);
         let (visitor, walked, drained) = joined.map_err(|e| PipelineError::Join(e.to_string()))?;
         let digest = Digest::from_hasher(hasher);
         judge(layer, drained.map(|n| (n, digest)), walked)?;
+        let secs = last_byte.duration_since(started).as_secs_f64();
+        tracing::info!(
+            layer = %layer.digest,
+            secs,
+            after_last_byte_ms = last_byte.elapsed().as_millis() as u64,
+            "layer read: {} in {secs:.2} s ({:.1} MB/s); unpacked, checked and fsynced {} ms after its last byte",
+            crate::bootfile::mb(layer.size),
+            layer.size as f64 / 1e6 / secs.max(1e-6),
+            last_byte.elapsed().as_millis()
+        );
         Ok(visitor)
     }
 }

@@ -923,12 +923,26 @@ fn unchanged_tag_downloads_no_blob() {
     let gets = reg.blob_gets(REPO);
     assert!(gets >= 1, "first sync fetched no blob?");
     let meta = read_meta(&dest, &img.digest);
+    let repo_path = format!("/v2/{REPO}/");
+    let (heads, all_gets) = (
+        reg.requests("HEAD", &repo_path).len(),
+        reg.requests("GET", &repo_path).len(),
+    );
 
     work.sync_once(&config).assert_success();
     assert_eq!(
         reg.blob_gets(REPO),
         gets,
         "second sync of an unchanged tag fetched blobs"
+    );
+    // An unchanged poll is one HEAD of the tag and nothing else.
+    assert_eq!(
+        (
+            reg.requests("HEAD", &repo_path).len() - heads,
+            reg.requests("GET", &repo_path).len() - all_gets
+        ),
+        (1, 0),
+        "an unchanged poll: HEADs and GETs"
     );
     assert_eq!(
         read_meta(&dest, &img.digest),

@@ -638,7 +638,7 @@ fn measure(program: &str, args: &[&OsStr], stderr: Stdio, work: &Path, what: &st
 /// From bootsync's log: the time from the last layer's last byte to `exited`, and how long its
 /// download took. The "layer read" line carries its RFC 3339 time, the download's seconds and
 /// how long after the last byte it was written.
-fn tail_after_last_byte(log: &Path, exited: std::time::SystemTime) -> Option<(f64, f64)> {
+fn layer_read_times(log: &Path, exited: std::time::SystemTime) -> Option<(f64, f64)> {
     let text = fs::read_to_string(log).ok()?;
     let line = text.lines().rev().find(|l| l.contains("layer read:"))?;
     let stamp = humantime::parse_rfc3339_weak(line.split_whitespace().next()?).ok()?;
@@ -797,7 +797,7 @@ impl Bench {
             "bootsync",
         );
         (sample.tail, sample.download) =
-            tail_after_last_byte(&log_path, std::time::SystemTime::now()).unzip();
+            layer_read_times(&log_path, std::time::SystemTime::now()).unzip();
         if check {
             check_files(
                 &dest.join("vmlinuz-arm64"),

@@ -43,13 +43,13 @@ fn parse(s: &str) -> Result<Reference, &'static str> {
         return Err("repository name must not be more than 255 characters");
     }
     if let Some(d) = digest {
-        let want = match d.split_once(':') {
-            Some(("sha256", _)) => 64,
-            Some(("sha384", _)) => 96,
-            Some(("sha512", _)) => 128,
+        let (want, hex) = match d.split_once(':') {
+            Some(("sha256", hex)) => (64, hex),
+            Some(("sha384", hex)) => (96, hex),
+            Some(("sha512", hex)) => (128, hex),
             _ => return Err("unsupported digest algorithm"),
         };
-        if d.len() - d.find(':').map_or(0, |i| i + 1) != want {
+        if hex.len() != want {
             return Err("invalid checksum digest length");
         }
     }

@@ -89,6 +89,16 @@ fn sniff(head: &[u8]) -> Sniff {
     }
 }
 
+/// Whether a file's first bytes are those of an initramfs member this checker walks (a raw
+/// archive by its full cpio magic, not just the kernel's leading '0').
+pub(crate) fn looks_like_initramfs(head: &[u8]) -> bool {
+    match sniff(head) {
+        Sniff::Member(Member::Cpio) => head.starts_with(b"07070"),
+        Sniff::Member(_) => true,
+        _ => false,
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     /// cpio entries other than trailers.

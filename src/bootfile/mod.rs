@@ -12,6 +12,7 @@ pub(crate) mod testdata;
 mod uki;
 
 use std::fmt;
+use std::io::{BufReader, Read, Seek};
 use std::str::FromStr;
 
 pub use initramfs::check_initramfs_with;
@@ -24,14 +25,40 @@ pub use uki::extract_uki_with;
 pub fn looks_like(head: &[u8]) -> Option<Kind> {
     if kernel::looks_like_kernel(head) {
         Some(Kind::Kernel)
-    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
-        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || head.starts_with(&[0x1f, 0x8b])
-        || head.starts_with(b"07070")
-    {
+    } else if initramfs::looks_like_initramfs(head) {
         Some(Kind::Initramfs)
     } else {
         None
+    }
+}
+
+/// Checks `len` bytes read once front to back as `kind` (a kernel or an initramfs): the bytes
+/// of a file as it is written. `None` when a kernel needs random access (then [`check_as`] the
+/// written file).
+pub fn check_stream<R: Read>(
+    kind: Kind,
+    r: R,
+    len: u64,
+    limits: &Limits,
+) -> Option<Result<Verdict, CheckError>> {
+    match kind {
+        Kind::Kernel => check_kernel_stream(r, len, limits),
+        _ => Some(check_initramfs_with(r, limits)),
+    }
+}
+
+/// Checks a file of `len` bytes as `kind` (a kernel or an initramfs), buffered.
+pub fn check_as<R: Read + Seek>(
+    kind: Kind,
+    r: R,
+    len: u64,
+    limits: &Limits,
+) -> Result<Verdict, CheckError> {
+    const READ_BUFFER: usize = 256 * 1024;
+    let r = BufReader::with_capacity(READ_BUFFER, r);
+    match kind {
+        Kind::Kernel => check_kernel_with(r, len, limits),
+        _ => check_initramfs_with(r, limits),
     }
 }
 

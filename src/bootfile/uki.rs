@@ -7,9 +7,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use super::pe::{self, Section};
-use super::{
-    check_initramfs_with, check_kernel_stream, check_kernel_with, CheckError, Kind, Limits, Verdict,
-};
+use super::{check_as, check_stream, CheckError, Kind, Limits, Verdict};
 use crate::io::Beside;
 
 /// A command line, os-release or uname is a few KB at most; more means a wrong section.
@@ -203,14 +201,9 @@ fn split_section(
         .map_err(|e| CheckError::new(check, at, format!("seek: {e}")))?;
     let mut dest = File::create(out).map_err(|e| write_error(check, out, e))?;
     let lim = *limits;
-    let mut beside = Beside::spawn(
-        &format!("uki-{kind}-check"),
-        CHECK_DEPTH,
-        move |r| match kind {
-            Kind::Kernel => check_kernel_stream(r, size, &lim),
-            _ => Some(check_initramfs_with(r, &lim)),
-        },
-    );
+    let mut beside = Beside::spawn(&format!("uki-{kind}-check"), CHECK_DEPTH, move |r| {
+        check_stream(kind, r, size, &lim)
+    });
     let mut section = (&mut file).take(size);
     let mut buf = vec![0u8; COPY_BUF];
     let mut copied = 0u64;
@@ -240,10 +233,7 @@ fn split_section(
         Some(v) => v,
         None => {
             let f = File::open(out).map_err(|e| write_error(check, out, e))?;
-            match kind {
-                Kind::Kernel => check_kernel_with(f, size, limits),
-                _ => check_initramfs_with(f, limits),
-            }
+            check_as(kind, f, size, limits)
         }
     };
     verdict.map_err(|e| in_section(e, s))
@@ -286,6 +276,7 @@ fn read_text(
 
 #[cfg(test)]
 mod tests {
+    use super::super::check_kernel_with;
     use super::super::testdata::{self, cpio, zboot, zstd};
     use super::*;
 

@@ -4,10 +4,8 @@
 //! stream, as long as it only looks back into the first bytes.
 
 use std::io::{self, Read, Seek, SeekFrom};
-use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
-
-use super::ChunkReader;
 
 /// A check running on its own thread over the bytes [`Beside::feed`] is given.
 pub struct Beside<T> {
@@ -145,6 +143,42 @@ impl<R: Read> Seek for ForwardSeek<R> {
         }
         self.pos = target;
         Ok(target)
+    }
+}
+
+/// Reads byte chunks another thread sends through a bounded std channel (a tee: the writer of
+/// a staged file hands its bytes to a check running beside it). A closed channel is the end.
+pub struct ChunkReader {
+    rx: Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl ChunkReader {
+    fn new(rx: Receiver<Vec<u8>>) -> Self {
+        ChunkReader {
+            rx,
+            chunk: Vec::new(),
+            at: 0,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(c) => {
+                    self.chunk = c;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 

@@ -43,42 +43,6 @@ impl Read for ChannelReader {
     }
 }
 
-/// Reads byte chunks another thread sends through a bounded std channel (a tee: the writer of
-/// a staged file hands its bytes to a check running beside it). A closed channel is the end.
-pub struct ChunkReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    at: usize,
-}
-
-impl ChunkReader {
-    pub fn new(rx: std::sync::mpsc::Receiver<Vec<u8>>) -> Self {
-        ChunkReader {
-            rx,
-            chunk: Vec::new(),
-            at: 0,
-        }
-    }
-}
-
-impl Read for ChunkReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        while self.at == self.chunk.len() {
-            match self.rx.recv() {
-                Ok(c) => {
-                    self.chunk = c;
-                    self.at = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.chunk.len() - self.at);
-        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ mod source;
 mod writeback;
 
 pub use beside::{Beside, ForwardSeek};
-pub use channel::{ChannelReader, ChunkReader};
+pub use channel::ChannelReader;
 pub use decode::{gzip_member, xz_stream, zstd_frame, Compression};
 pub use hash::{HashReader, HashWriter};
 pub use limit::{CountingReader, LimitReader, RatioLimit};

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::BufReader;
 use std::path::Path;
 
 use crate::bootfile::Kind;
@@ -12,8 +11,6 @@ use crate::config::{FileSpec, Limits, Modes};
 use crate::store::{BootInfo, FileRecord};
 
 use super::{PipelineError, Prechecked};
-
-const READ_BUFFER: usize = 256 * 1024;
 
 /// Where a UKI waits in staging until it is split, when it is not published itself (a dot
 /// name: never served).
@@ -49,13 +46,8 @@ fn check_file(
         return Ok(());
     }
     let file = fs::File::open(&path).map_err(open_err)?;
-    let verdict = if kind == Kind::Kernel {
-        let len = file.metadata().map_err(open_err)?.len();
-        crate::bootfile::check_kernel_with(BufReader::new(file), len, limits).map_err(failed)?
-    } else {
-        crate::bootfile::check_initramfs_with(BufReader::with_capacity(READ_BUFFER, file), limits)
-            .map_err(failed)?
-    };
+    let len = file.metadata().map_err(open_err)?.len();
+    let verdict = crate::bootfile::check_as(kind, file, len, limits).map_err(failed)?;
     tracing::info!(file = %name, "{kind}: {verdict}");
     Ok(())
 }

@@ -166,14 +166,14 @@ impl Fetch for Registry {
         let digest = Digest::from_hasher(hasher);
         judge(layer, drained.map(|n| (n, digest)), walked)?;
         let secs = last_byte.duration_since(started).as_secs_f64();
+        let after_last_byte_ms = last_byte.elapsed().as_millis() as u64;
         tracing::info!(
             layer = %layer.digest,
             secs,
-            after_last_byte_ms = last_byte.elapsed().as_millis() as u64,
-            "layer read: {} in {secs:.2} s ({:.1} MB/s); unpacked, checked and fsynced {} ms after its last byte",
+            after_last_byte_ms,
+            "layer read: {} in {secs:.2} s ({:.1} MB/s); unpacked, checked and fsynced {after_last_byte_ms} ms after its last byte",
             crate::bootfile::mb(layer.size),
             layer.size as f64 / 1e6 / secs.max(1e-6),
-            last_byte.elapsed().as_millis()
         );
         Ok(visitor)
     }
@@ -559,9 +559,7 @@ impl Parts {
         );
         Ok(())
     }
-}
 
-impl Parts {
     /// An empty set of parts in the same directory, for one of the layers read at once.
     fn fork(&self) -> Parts {
         Parts {
@@ -603,10 +601,7 @@ fn check_beside(
     let kind = crate::bootfile::looks_like(head)?;
     let name = format!("{kind}-check");
     Beside::spawn(&name, CHECK_DEPTH, move |r| {
-        let checked = match kind {
-            Kind::Kernel => crate::bootfile::check_kernel_stream(r, size, &limits)?,
-            _ => crate::bootfile::check_initramfs_with(r, &limits),
-        };
+        let checked = crate::bootfile::check_stream(kind, r, size, &limits)?;
         Some(Prechecked { kind, checked })
     })
 }
